@@ -1,0 +1,232 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration file: YAML, C{${ENV}} substitution, JSON Schema validation
+with defaults, and the immutable objects the rest of aiproxy reads.
+
+Every problem is reported as C{<json path>: <reason>}, all of them at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from aiproxy.schema import format_path, load_schema, schema_errors
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "PROXY_PLUGINS",
+    "Config",
+    "ConfigError",
+    "RouteConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1"
+PROXY_PLUGINS = ("ai-proxy", "ai-proxy-multi")
+
+#: C{${NAME}} or C{${NAME:-default}}.
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is invalid.
+
+    @ivar problems: one C{"<json path>: <reason>"} line per problem.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """
+    One validated route.
+
+    @ivar id: the route's C{id}, or C{route-<index>}.
+    @ivar uris: exact paths, or prefixes ending in C{/*}.
+    @ivar methods: allowed HTTP methods, or L{None} for any.
+    @ivar proxy_plugin: C{ai-proxy} or C{ai-proxy-multi}.
+    @ivar proxy: that plugin's config, defaults filled in.
+    @ivar plugins: the other plugins' configs by name, defaults filled in.
+    """
+
+    id: str
+    uris: tuple[str, ...]
+    methods: tuple[str, ...] | None
+    proxy_plugin: str
+    proxy: Mapping[str, Any]
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    A whole validated configuration file.
+    """
+
+    listen: tuple[str, ...]
+    routes: tuple[RouteConfig, ...]
+    metrics_listen: str | None = None
+    shutdown_grace_s: float = 30.0
+    source: str | None = None
+
+
+def _substitute(node: Any, environ: Mapping[str, str], path: list[str | int], problems: list[str]) -> Any:
+    """
+    Replace C{${VAR}} (or C{${VAR:-default}}) in every string of a parsed
+    YAML document.
+    """
+    if isinstance(node, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name not in environ:
+                if default is not None:
+                    return default
+                problems.append(f"{format_path(path)}: environment variable {name} is not set")
+                return ""
+            return environ[name]
+
+        return _ENV_REFERENCE.sub(lookup, node) if "${" in node else node
+    if isinstance(node, list):
+        return [_substitute(item, environ, path + [i], problems) for i, item in enumerate(node)]
+    if isinstance(node, dict):
+        return {k: _substitute(v, environ, path + [k], problems) for k, v in node.items()}
+    return node
+
+
+def _route_problems(
+    index: int, route: dict, plugin_schemas: Mapping[str, Mapping[str, Any]]
+) -> Iterator[str]:
+    """
+    Validate one route's C{plugins} map against each named plugin's schema.
+    """
+    plugins = route.get("plugins")
+    prefix: list[str | int] = ["routes", index, "plugins"]
+    if not isinstance(plugins, dict):
+        return
+    proxies = [name for name in PROXY_PLUGINS if name in plugins]
+    if len(proxies) != 1:
+        yield f"{format_path(prefix)}: exactly one of 'ai-proxy' or 'ai-proxy-multi' is required"
+    for name, conf in plugins.items():
+        schema = plugin_schemas.get(name)
+        if schema is None:
+            yield f"{format_path(prefix + [name])}: unknown plugin '{name}'"
+            continue
+        if conf is None:
+            conf = plugins[name] = {}
+        yield from schema_errors(conf, schema, prefix + [name])
+    if "ai-proxy-multi" in plugins and isinstance(plugins["ai-proxy-multi"], dict):
+        instances = plugins["ai-proxy-multi"].get("instances") or []
+        names = [i.get("name") for i in instances if isinstance(i, dict)]
+        for position, name in enumerate(names):
+            if name is not None and name in names[:position]:
+                yield (
+                    f"{format_path(prefix + ['ai-proxy-multi', 'instances', position, 'name'])}: "
+                    f"duplicate instance name '{name}'"
+                )
+
+
+def _build_route(index: int, route: dict) -> RouteConfig:
+    """
+    Turn one validated route document into a L{RouteConfig}.
+    """
+    plugins = dict(route["plugins"])
+    proxy_plugin = next(name for name in PROXY_PLUGINS if name in plugins)
+    proxy = plugins.pop(proxy_plugin)
+    methods = route.get("methods")
+    return RouteConfig(
+        id=route.get("id", f"route-{index}"),
+        uris=tuple(route["uris"]) if "uris" in route else (route["uri"],),
+        methods=tuple(methods) if methods else None,
+        proxy_plugin=proxy_plugin,
+        proxy=proxy,
+        plugins=plugins,
+    )
+
+
+def default_plugin_schemas() -> dict[str, Mapping[str, Any]]:
+    """
+    The schemas of the proxy plugins and every installed filter plugin.
+    """
+    from aiproxy.plugins import plugin_schemas
+
+    schemas: dict[str, Mapping[str, Any]] = {name: load_schema(name) for name in PROXY_PLUGINS}
+    schemas.update(plugin_schemas())
+    return schemas
+
+
+def parse_config(
+    text: str,
+    environ: Mapping[str, str] | None = None,
+    plugin_schemas: Mapping[str, Mapping[str, Any]] | None = None,
+    source: str | None = None,
+) -> Config:
+    """
+    Parse and validate a configuration document.
+
+    @param text: the YAML text.
+    @param environ: variables for C{${VAR}}; L{os.environ} by default.
+    @param plugin_schemas: config schemas by plugin name; the installed
+        plugins' by default.
+    @param source: where the text came from, for messages.
+    @raise ConfigError: with every problem found.
+    """
+    if environ is None:
+        environ = os.environ
+    if plugin_schemas is None:
+        plugin_schemas = default_plugin_schemas()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"(root): invalid YAML: {e}"]) from None
+    if document is None:
+        document = {}
+    problems: list[str] = []
+    document = _substitute(document, environ, [], problems)
+    problems.extend(schema_errors(document, load_schema("config")))
+    if not problems:
+        for index, route in enumerate(document["routes"]):
+            problems.extend(_route_problems(index, route, plugin_schemas))
+        ids = [route.get("id", f"route-{i}") for i, route in enumerate(document["routes"])]
+        for index, route_id in enumerate(ids):
+            if route_id in ids[:index]:
+                problems.append(f"{format_path(['routes', index, 'id'])}: duplicate route id '{route_id}'")
+    if problems:
+        raise ConfigError(problems)
+    listen = document["listen"]
+    return Config(
+        listen=(listen,) if isinstance(listen, str) else tuple(listen),
+        routes=tuple(_build_route(i, r) for i, r in enumerate(document["routes"])),
+        metrics_listen=document.get("metrics_listen"),
+        shutdown_grace_s=float(document["shutdown_grace_s"]),
+        source=source,
+    )
+
+
+def load_config(
+    path: str,
+    environ: Mapping[str, str] | None = None,
+    plugin_schemas: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """
+    Read, parse and validate the configuration file at C{path}.
+
+    @raise ConfigError: with every problem found, or if the file cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"(root): cannot read {path}: {e.strerror}"]) from None
+    return parse_config(text, environ, plugin_schemas, source=path)

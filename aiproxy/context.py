@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_context -*-
+"""
+The per-request context: what filters see and what the access log records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ExchangeContext"]
+
+
+def _int(value: Any) -> int | None:
+    """
+    C{value} if it is an integer token count, else L{None}.
+    """
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class ExchangeContext:
+    """
+    Everything known about one proxied request, filled in as it goes.
+
+    Filters read C{events} (the decoded events of the chunk being
+    filtered), C{text} (the response text so far), C{usage}, C{done} and
+    C{ttft_ms}; the access log reads L{record}.
+
+    @ivar wants_text: whether the response text is collected (only when a
+        body filter is active: collecting it costs a JSON parse per event).
+    @ivar done: the upstream ended the response with its own terminator.
+    @ivar output_started: bytes (and so the status) reached the client.
+    """
+
+    __slots__ = (
+        "route_id",
+        "instance",
+        "provider",
+        "protocol",
+        "stream",
+        "body",
+        "body_changed",
+        "request_llm_model",
+        "llm_model",
+        "started",
+        "ttft_ms",
+        "upstream_response_time_ms",
+        "usage",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "reasoning_tokens",
+        "has_tool_calls",
+        "events",
+        "wants_text",
+        "_text",
+        "done",
+        "output_started",
+        "bytes_in",
+        "bytes_out",
+        "status",
+        "abort_reason",
+        "flushes",
+        "path",
+        "method",
+    )
+
+    def __init__(self, route_id: str, instance: str, started: float) -> None:
+        self.route_id = route_id
+        self.instance = instance
+        self.started = started
+        self.provider: str | None = None
+        self.protocol: str | None = None
+        self.stream = False
+        self.body: dict[str, Any] | None = None
+        self.body_changed = False
+        self.request_llm_model: str | None = None
+        self.llm_model: str | None = None
+        self.ttft_ms: int | None = None
+        self.upstream_response_time_ms: int | None = None
+        self.usage: Mapping[str, Any] | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.total_tokens: int | None = None
+        self.cache_read_input_tokens: int | None = None
+        self.cache_creation_input_tokens: int | None = None
+        self.reasoning_tokens: int | None = None
+        self.has_tool_calls = False
+        self.events: list[Any] = []
+        self.wants_text = False
+        self._text: list[str] = []
+        self.done = False
+        self.output_started = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status: int | None = None
+        self.abort_reason: str | None = None
+        self.flushes = 0
+        self.path = ""
+        self.method = ""
+
+    def mark_body_changed(self) -> None:
+        """
+        A request filter changed C{body}: it is serialised again upstream.
+        """
+        self.body_changed = True
+
+    @property
+    def text(self) -> str:
+        """
+        The response text received so far (collected only when
+        C{wants_text} is set).
+        """
+        if len(self._text) > 1:
+            self._text = ["".join(self._text)]
+        return self._text[0] if self._text else ""
+
+    def add_text(self, piece: str) -> None:
+        """
+        Append a piece of response text.
+        """
+        self._text.append(piece)
+
+    def set_usage(self, usage: Mapping[str, Any]) -> None:
+        """
+        Record a usage object in OpenAI, Responses or Anthropic shape; later
+        objects update the counts they carry (Anthropic sends usage twice).
+        """
+        self.usage = usage
+        prompt = _int(usage.get("prompt_tokens"))
+        if prompt is None:
+            prompt = _int(usage.get("input_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        if completion is None:
+            completion = _int(usage.get("output_tokens"))
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if completion is not None:
+            self.completion_tokens = completion
+        total = _int(usage.get("total_tokens"))
+        if total is None and self.prompt_tokens is not None and self.completion_tokens is not None:
+            total = self.prompt_tokens + self.completion_tokens
+        if total is not None:
+            self.total_tokens = total
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        cached = _int(usage.get("cache_read_input_tokens"))
+        if cached is None and isinstance(details, dict):
+            cached = _int(details.get("cached_tokens"))
+        if cached is not None:
+            self.cache_read_input_tokens = cached
+        created = _int(usage.get("cache_creation_input_tokens"))
+        if created is not None:
+            self.cache_creation_input_tokens = created
+        out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        if isinstance(out_details, dict):
+            reasoning = _int(out_details.get("reasoning_tokens"))
+            if reasoning is not None:
+                self.reasoning_tokens = reasoning
+
+    def record(self) -> dict[str, Any]:
+        """
+        The access-log record of this request (SPEC section 6). Never holds
+        credentials: only figures and names.
+        """
+        return {
+            "route_id": self.route_id,
+            "instance": self.instance,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "request_type": "ai_stream" if self.stream else "ai_chat",
+            "request_llm_model": self.request_llm_model,
+            "llm_model": self.llm_model or self.request_llm_model,
+            "llm_time_to_first_token": self.ttft_ms,
+            "upstream_response_time": self.upstream_response_time_ms,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "llm_has_tool_calls": self.has_tool_calls,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "flushes": self.flushes,
+            "abort_reason": self.abort_reason,
+        }

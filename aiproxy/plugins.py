@@ -1,0 +1,47 @@
+# -*- test-case-name: tests.test_plugins -*-
+"""
+Finding filter plugins: the built-in ones and third-party dropins.
+
+A third-party package ships a module in C{twisted/plugins/} holding an
+object that provides L{twisted.plugin.IPlugin} and L{IFilterPlugin}; once the
+package is installed, routes can name the plugin without touching aiproxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+
+from aiproxy.interfaces import IFilterPlugin
+
+__all__ = ["available_plugins", "plugin_schemas"]
+
+log = Logger()
+
+BUILTIN_PLUGINS: tuple[IFilterPlugin, ...] = ()
+
+
+def available_plugins() -> dict[str, IFilterPlugin]:
+    """
+    Every filter plugin by name: the built-ins, then installed dropins.
+    A dropin cannot replace a built-in of the same name.
+    """
+    plugins: dict[str, IFilterPlugin] = {plugin.name: plugin for plugin in BUILTIN_PLUGINS}
+    for plugin in getPlugins(IFilterPlugin):
+        if plugin.name in plugins:
+            if plugins[plugin.name] is not plugin:
+                log.warn("ignoring plugin {name} from {module}: the name is taken",
+                         name=plugin.name, module=type(plugin).__module__)
+            continue
+        plugins[plugin.name] = plugin
+    return plugins
+
+
+def plugin_schemas() -> dict[str, Mapping[str, Any]]:
+    """
+    The config schema of every available filter plugin, by name.
+    """
+    return {name: plugin.config_schema for name, plugin in available_plugins().items()}

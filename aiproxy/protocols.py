@@ -1,0 +1,270 @@
+# -*- test-case-name: tests.test_protocols -*-
+"""
+Client protocols: how a request is recognised, and how each protocol's
+responses are read (model, usage, text, tool calls, end of stream) and
+ended with an error event.
+
+Reading a stream is on the per-chunk hot path: an observer only parses the
+JSON of the events it needs (the first one for the model, the one carrying
+usage), unless a body filter asked for the text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "ANTHROPIC_MESSAGES",
+    "BEDROCK_CONVERSE",
+    "OPENAI_CHAT",
+    "OPENAI_EMBEDDINGS",
+    "OPENAI_RESPONSES",
+    "PASSTHROUGH",
+    "detect_protocol",
+    "error_event",
+    "observer_for",
+]
+
+OPENAI_CHAT = "openai-chat"
+OPENAI_RESPONSES = "openai-responses"
+OPENAI_EMBEDDINGS = "openai-embeddings"
+ANTHROPIC_MESSAGES = "anthropic-messages"
+BEDROCK_CONVERSE = "bedrock-converse"
+PASSTHROUGH = "passthrough"
+
+
+def detect_protocol(path: str, body: Mapping[str, Any]) -> str | None:
+    """
+    The client protocol of a request, first match wins (SPEC section 3).
+
+    @param path: the request path, without the query.
+    @param body: the parsed JSON object.
+    @return: a protocol name, or L{None} for an empty object.
+    """
+    if not body:
+        return None
+    if (path.endswith("/converse") or path.endswith("/converse-stream")) and "messages" in body:
+        return BEDROCK_CONVERSE
+    if path.endswith("/v1/messages"):
+        return ANTHROPIC_MESSAGES
+    if path.endswith("/v1/responses") and "input" in body:
+        return OPENAI_RESPONSES
+    if "messages" in body:
+        return OPENAI_CHAT
+    if "input" in body:
+        return OPENAI_EMBEDDINGS
+    return PASSTHROUGH
+
+
+def _json(data: bytes) -> Any:
+    """
+    Parse JSON, or L{None} when it is not JSON.
+    """
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _has_object(data: bytes, key: bytes) -> bool:
+    """
+    Whether C{data} holds C{"key": {...}} (not C{null}), without parsing it.
+    """
+    at = data.find(key)
+    while at != -1:
+        rest = data[at + len(key) : at + len(key) + 4].lstrip(b" :")
+        if rest[:1] == b"{":
+            return True
+        at = data.find(key, at + 1)
+    return False
+
+
+class _Observer:
+    """
+    Reads figures out of one response of one protocol into an
+    L{aiproxy.context.ExchangeContext}.
+    """
+
+    def observe_events(self, events: Iterable[Any], context: Any) -> None:
+        """
+        Read the decoded events of one chunk of a stream.
+        """
+
+    def observe_body(self, body: bytes, context: Any) -> None:
+        """
+        Read a whole non-streamed JSON body.
+        """
+        document = _json(body)
+        if isinstance(document, dict):
+            self.read_document(document, context)
+
+    def read_document(self, document: Mapping[str, Any], context: Any) -> None:
+        """
+        Read a parsed non-streamed response.
+        """
+        model = document.get("model")
+        if isinstance(model, str):
+            context.llm_model = model
+        usage = document.get("usage")
+        if isinstance(usage, dict):
+            context.set_usage(usage)
+
+
+class OpenAIChatObserver(_Observer):
+    """
+    OpenAI chat completions: C{chat.completion} bodies and
+    C{chat.completion.chunk} streams ending in C{data: [DONE]}.
+    """
+
+    def observe_events(self, events: Iterable[Any], context: Any) -> None:
+        want_text = context.wants_text
+        for event in events:
+            data = event.data
+            if data == b"[DONE]":
+                context.done = True
+                continue
+            document = None
+            if context.llm_model is None or want_text:
+                document = _json(data)
+                if isinstance(document, dict) and context.llm_model is None:
+                    model = document.get("model")
+                    context.llm_model = model if isinstance(model, str) else ""
+            if b'"tool_calls"' in data:
+                context.has_tool_calls = True
+            if b'"usage"' in data and _has_object(data, b'"usage"'):
+                if document is None:
+                    document = _json(data)
+                if isinstance(document, dict) and isinstance(document.get("usage"), dict):
+                    context.set_usage(document["usage"])
+            if want_text and isinstance(document, dict):
+                for choice in document.get("choices") or ():
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    content = delta.get("content") if isinstance(delta, dict) else None
+                    if isinstance(content, str) and content:
+                        context.add_text(content)
+
+    def read_document(self, document: Mapping[str, Any], context: Any) -> None:
+        super().read_document(document, context)
+        for choice in document.get("choices") or ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict):
+                if message.get("tool_calls"):
+                    context.has_tool_calls = True
+                content = message.get("content")
+                if isinstance(content, str):
+                    context.add_text(content)
+
+
+class AnthropicObserver(_Observer):
+    """
+    Anthropic messages: C{message} bodies and event streams ending in
+    C{message_stop}.
+    """
+
+    def observe_events(self, events: Iterable[Any], context: Any) -> None:
+        for event in events:
+            kind = event.event
+            if kind == "content_block_delta":
+                if context.wants_text:
+                    document = _json(event.data)
+                    delta = document.get("delta") if isinstance(document, dict) else None
+                    if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+                        context.add_text(delta["text"])
+            elif kind == "message_start":
+                document = _json(event.data)
+                message = document.get("message") if isinstance(document, dict) else None
+                if isinstance(message, dict):
+                    self.read_document(message, context)
+            elif kind == "message_delta":
+                document = _json(event.data)
+                if isinstance(document, dict) and isinstance(document.get("usage"), dict):
+                    context.set_usage(document["usage"])
+            elif kind == "content_block_start":
+                if b'"tool_use"' in event.data:
+                    context.has_tool_calls = True
+            elif kind == "message_stop":
+                context.done = True
+
+    def read_document(self, document: Mapping[str, Any], context: Any) -> None:
+        super().read_document(document, context)
+        for block in document.get("content") or ():
+            if isinstance(block, dict):
+                if block.get("type") == "tool_use":
+                    context.has_tool_calls = True
+                elif block.get("type") == "text" and isinstance(block.get("text"), str):
+                    context.add_text(block["text"])
+
+
+class ResponsesObserver(_Observer):
+    """
+    OpenAI Responses: C{response} bodies and event streams ending in
+    C{response.completed} (or C{response.failed}/C{response.incomplete}).
+    """
+
+    _END = frozenset({"response.completed", "response.failed", "response.incomplete"})
+
+    def observe_events(self, events: Iterable[Any], context: Any) -> None:
+        for event in events:
+            kind = event.event
+            if kind == "response.output_text.delta":
+                if context.wants_text:
+                    document = _json(event.data)
+                    if isinstance(document, dict) and isinstance(document.get("delta"), str):
+                        context.add_text(document["delta"])
+            elif kind in self._END or kind == "response.created":
+                document = _json(event.data)
+                response = document.get("response") if isinstance(document, dict) else None
+                if isinstance(response, dict):
+                    self.read_document(response, context)
+                if kind in self._END:
+                    context.done = True
+            elif kind == "response.output_item.added" and b'"function_call"' in event.data:
+                context.has_tool_calls = True
+
+
+class PassthroughObserver(_Observer):
+    """
+    Anything else: only a C{[DONE]} event or a JSON body's C{model} and
+    C{usage} are read.
+    """
+
+    def observe_events(self, events: Iterable[Any], context: Any) -> None:
+        for event in events:
+            if event.data == b"[DONE]":
+                context.done = True
+
+
+_OBSERVERS: dict[str, _Observer] = {
+    OPENAI_CHAT: OpenAIChatObserver(),
+    ANTHROPIC_MESSAGES: AnthropicObserver(),
+    OPENAI_RESPONSES: ResponsesObserver(),
+}
+_PASSTHROUGH_OBSERVER = PassthroughObserver()
+
+
+def observer_for(protocol: str) -> _Observer:
+    """
+    The observer reading responses of C{protocol} (stateless, shared).
+    """
+    return _OBSERVERS.get(protocol, _PASSTHROUGH_OBSERVER)
+
+
+def error_event(protocol: str, message: str, code: str) -> bytes:
+    """
+    The final SSE event telling a client of C{protocol} that its stream was
+    cut short: C{data: {"error": ...}} for OpenAI-shaped protocols,
+    C{event: error} for Anthropic and Responses.
+
+    @param message: the human-readable reason.
+    @param code: a machine-readable reason (the abort reason).
+    """
+    if protocol == ANTHROPIC_MESSAGES:
+        payload = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    if protocol == OPENAI_RESPONSES:
+        payload = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+    payload = {"error": {"message": message, "type": "aiproxy_error", "code": code}}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"

@@ -1,0 +1,632 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+One proxied request, from the client's body to the last byte relayed back.
+
+An L{Exchange} prepares the upstream request, sends it with the route's
+treq client, and relays the answer: a streamed response chunk by chunk
+through the SSE decoder, the protocol observer, the body filters and the
+flush writer; a non-streamed one whole. The client's connection is the
+consumer of the upstream body (backpressure), and one C{_stop_upstream}
+tears the upstream transfer down whatever phase it is in.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.server import Request
+
+from aiproxy.accesslog import log_access
+from aiproxy.context import ExchangeContext
+from aiproxy.eventstream import EventStreamDecoder
+from aiproxy.filters import BodyFilterChain, Reject, Terminate, open_chain
+from aiproxy.protocols import PASSTHROUGH, error_event, observer_for
+from aiproxy.request import (
+    ClientError,
+    apply_body_overrides,
+    check_content_type,
+    detect,
+    parse_body,
+    upstream_headers,
+    upstream_url,
+)
+from aiproxy.routes import Route
+from aiproxy.sse import SSEDecoder
+from aiproxy.writer import make_writer
+
+__all__ = ["Exchange"]
+
+log = Logger()
+
+#: Upstream response headers relayed to the client besides its content type.
+_RELAYED_HEADERS = (b"x-request-id", b"request-id", b"retry-after", b"retry-after-ms")
+_RELAYED_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"ratelimit")
+
+_STREAM_TYPES = (b"text/event-stream", b"application/vnd.amazon.eventstream")
+
+
+class _BodyReceiver(Protocol):
+    """
+    Receives an upstream response body for an L{Exchange}.
+    """
+
+    def __init__(self, on_start: Any, on_chunk: Any, on_end: Any) -> None:
+        self._on_start = on_start
+        self._on_end = on_end
+        # Bound directly: one call per chunk on the hot path, not two.
+        self.dataReceived = on_chunk  # type: ignore[method-assign]
+
+    def connectionMade(self) -> None:
+        self._on_start(self.transport)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._on_end(reason)
+
+
+class _Discard(Protocol):
+    """
+    Receives an upstream body nobody wants: stops the transfer at once.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class Exchange:
+    """
+    One client request proxied to the route's upstream.
+    """
+
+    def __init__(self, route: Route, request: Request, clock: IReactorTime) -> None:
+        self.route = route
+        self.request = request
+        self.clock = clock
+        self.conf = route.conf
+        self.context = ExchangeContext(route.id, route.target.name, clock.seconds())
+        self._upstream_d: Any = None
+        self._body_transport: Any = None
+        self._timers: dict[str, IDelayedCall] = {}
+        self._response_status = 200
+        self._response_headers: list[tuple[bytes, list[bytes]]] = []
+        self._stream = False
+        self._received = 0
+        self._last_chunk = 0.0
+        self._body_parts: list[bytes] = []
+        self._chain: BodyFilterChain | None = None
+        self._decoder: Any = None
+        self._observer: Any = None
+        self._writer: Any = None
+        #: No more bytes go to the client and the upstream is (being) stopped.
+        self._ended = False
+        #: The access record was written.
+        self._logged = False
+
+    # -- request --------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Handle the request: answer it directly on a client error, else send
+        it upstream.
+        """
+        request = self.request
+        context = self.context
+        context.method = request.method.decode("latin-1")
+        context.path = request.path.decode("latin-1")
+        request.notifyFinish().addCallbacks(self._client_finished, self._client_lost)
+        try:
+            upstream = self._prepare()
+        except ClientError as e:
+            self._respond_error(e.status, e.message)
+            return
+        if upstream is None:
+            return
+        method, url, headers, body = upstream
+        self._arm_duration_limit()
+        self._upstream_d = self.route.client.request(method, url, headers, body)
+        self._upstream_d.addCallbacks(self._got_response, self._upstream_failed)
+        self._upstream_d.addErrback(self._bug)
+
+    def _prepare(self) -> tuple[str, str, Any, bytes] | None:
+        """
+        Check and transform the client's request.
+
+        @return: method, URL, headers and body for upstream, or L{None} when
+            a request filter already answered.
+        @raise ClientError: when the client's request is refused.
+        """
+        request = self.request
+        context = self.context
+        route = self.route
+        target = route.target
+        raw = request.content.read() if request.content is not None else b""
+        context.bytes_in = len(raw)
+        if len(raw) > self.conf["max_req_body_size"]:
+            raise ClientError(413, "request body too large")
+        check_content_type(request.getHeader(b"content-type"))
+        body = parse_body(raw)
+        protocol = detect(context.path, body)
+        if not target.provider.serves(protocol):
+            raise ClientError(
+                400, f"{protocol} requests are not supported by provider {target.provider.name}"
+            )
+        context.provider = target.provider.name
+        context.protocol = protocol
+        context.body = body
+        context.stream = body.get("stream") is True
+        model = body.get("model")
+        context.request_llm_model = model if isinstance(model, str) else None
+        for request_filter in route.request_filters:
+            result = request_filter.filter_request(context)
+            if isinstance(result, Reject):
+                self._respond_json(result.status, result.body)
+                return None
+        body = context.body
+        changed = apply_body_overrides(body, protocol, target) or context.body_changed
+        model = body.get("model")
+        if isinstance(model, str):
+            context.llm_model = model
+        if changed:
+            raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        query = request.uri.partition(b"?")[2].decode("latin-1")
+        url = upstream_url(target, protocol, context.path, query)
+        headers = upstream_headers(request.requestHeaders.getAllRawHeaders(), self.conf["auth"])
+        method = context.method if protocol == PASSTHROUGH else "POST"
+        return method, url, headers, raw
+
+    # -- upstream answer ------------------------------------------------
+
+    def _got_response(self, response: Any) -> None:
+        """
+        The upstream's status and headers arrived: relay the body.
+        """
+        self._upstream_d = None
+        context = self.context
+        context.upstream_response_time_ms = _ms(self.clock.seconds() - context.started)
+        if self._ended:
+            response.deliverBody(_Discard())
+            return
+        self._response_status = response.code
+        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        relayed = [(b"content-type", [content_type])] if content_type else []
+        for name, values in response.headers.getAllRawHeaders():
+            lower = name.lower()
+            if lower in _RELAYED_HEADERS or lower.startswith(_RELAYED_PREFIXES):
+                relayed.append((name, values))
+        self._response_headers = relayed
+        if response.code < 300 and content_type.lower().startswith(_STREAM_TYPES):
+            self._start_stream(response, content_type)
+        else:
+            self._start_buffered(response)
+
+    def _start_stream(self, response: Any, content_type: bytes) -> None:
+        """
+        Relay a streamed response chunk by chunk.
+        """
+        context = self.context
+        context.stream = True
+        self._stream = True
+        self._response_headers += [
+            (b"cache-control", [b"no-cache"]),
+            (b"x-accel-buffering", [b"no"]),
+        ]
+        if content_type.lower().startswith(b"application/vnd.amazon.eventstream"):
+            self._decoder = EventStreamDecoder()
+        else:
+            self._decoder = SSEDecoder()
+        self._observer = observer_for(context.protocol or PASSTHROUGH)
+        self._chain = open_chain(self.route.body_filters, context)
+        context.wants_text = self._chain is not None
+        self._writer = make_writer(self._send, self.clock, self.conf["streaming_flush_interval_ms"])
+        self._arm_duration_limit()
+        response.deliverBody(_BodyReceiver(self._body_started, self._stream_chunk, self._stream_ended))
+
+    def _start_buffered(self, response: Any) -> None:
+        """
+        Collect a non-streamed response, within C{max_response_bytes}.
+        """
+        limit = self.conf.get("max_response_bytes")
+        if limit is not None and response.length is not None and response.length > limit:
+            response.deliverBody(_Discard())
+            self._fail("max_response_bytes", 502, "max_response_bytes exceeded")
+            return
+        response.deliverBody(_BodyReceiver(self._body_started, self._buffered_chunk, self._buffered_ended))
+
+    def _body_started(self, transport: Any) -> None:
+        """
+        The upstream body transfer began: the client's connection now
+        paces it, and reads are timed.
+        """
+        if self._ended:
+            transport.stopProducing()
+            return
+        self._body_transport = transport
+        self.request.registerProducer(transport, True)
+        self._last_chunk = self.clock.seconds()
+        self._arm("read", self.conf["timeout"] / 1000.0, self._read_timer)
+
+    def _buffered_chunk(self, data: bytes) -> None:
+        """
+        A piece of a non-streamed body.
+        """
+        if self._ended:
+            return
+        self._last_chunk = self.clock.seconds()
+        self._received += len(data)
+        limit = self.conf.get("max_response_bytes")
+        if limit is not None and self._received > limit:
+            self._fail("max_response_bytes", 502, "max_response_bytes exceeded")
+            return
+        self._body_parts.append(data)
+
+    def _buffered_ended(self, reason: Failure) -> None:
+        """
+        The non-streamed body is complete (or was cut).
+        """
+        if self._ended:
+            return
+        self._body_transport = None
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            log.warn("upstream response body failed: {error}", error=reason.getErrorMessage())
+            self._fail("upstream_error", 502, "upstream closed the connection before the response was complete")
+            return
+        body = b"".join(self._body_parts)
+        self._body_parts = []
+        context = self.context
+        if self._response_status < 400:
+            if context.protocol is not None:
+                self._observer = observer_for(context.protocol)
+                self._observer.observe_body(body, context)
+            chain = open_chain(self.route.body_filters, context)
+            if chain is not None:
+                context.done = True
+                out = chain.filter_chunk(body, context)
+                if isinstance(out, Terminate):
+                    self._terminate(out)
+                    return
+                tail = chain.finish(context)
+                if isinstance(tail, Terminate):
+                    self._terminate(tail)
+                    return
+                body = out + tail
+        self._finish_whole(body)
+
+    def _finish_whole(self, body: bytes) -> None:
+        """
+        Send a whole response with its length and end the exchange.
+        """
+        self._set_headers()
+        self.request.setHeader(b"content-length", b"%d" % len(body))
+        self._write(body)
+        self._end_cleanly()
+
+    # -- the streaming hot path -----------------------------------------
+
+    def _stream_chunk(self, data: bytes) -> None:
+        """
+        One chunk of a streamed body: decode, observe, filter, write.
+        """
+        if self._ended:
+            return
+        try:
+            context = self.context
+            now = self._last_chunk = self.clock.seconds()
+            if context.ttft_ms is None:
+                context.ttft_ms = _ms(now - context.started)
+            self._received += len(data)
+            limit = self.conf.get("max_response_bytes")
+            if limit is not None and self._received > limit:
+                self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
+                return
+            events = self._decoder.feed(data)
+            if events:
+                self._observer.observe_events(events, context)
+            chain = self._chain
+            if chain is not None:
+                context.events = events
+                out = chain.filter_chunk(data, context)
+                if out.__class__ is not bytes:
+                    self._terminate(out)  # type: ignore[arg-type]
+                    return
+                data = out  # type: ignore[assignment]
+            if data:
+                self._writer.write(data)
+        except Exception:
+            log.failure("relaying a stream chunk failed")
+            self._cut("internal_error", 502, "internal error while relaying the response")
+
+    def _stream_ended(self, reason: Failure) -> None:
+        """
+        The upstream body ended: normally, or cut short.
+        """
+        if self._ended:
+            return
+        self._body_transport = None
+        context = self.context
+        self._decoder.close()
+        clean = reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and context.done)
+        if not clean:
+            log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
+            self._cut("upstream_error", 502, "upstream closed the connection before the response was complete")
+            return
+        if self._chain is not None:
+            context.events = []
+            tail = self._chain.finish(context)
+            if isinstance(tail, Terminate):
+                self._terminate(tail)
+                return
+            if tail:
+                self._writer.write(tail)
+        self._writer.stop()
+        if not context.output_started:
+            self._set_headers()
+        self._end_cleanly()
+
+    # -- writing to the client ------------------------------------------
+
+    def _set_headers(self) -> None:
+        """
+        Commit the upstream's status and relayed headers (before any byte).
+        """
+        request = self.request
+        request.setResponseCode(self._response_status)
+        for name, values in self._response_headers:
+            request.responseHeaders.setRawHeaders(name, values)
+        self.context.status = self._response_status
+        self.context.output_started = True
+
+    def _send(self, data: bytes) -> None:
+        """
+        The flush writers' sink: one C{request.write} (one HTTP chunk).
+        """
+        context = self.context
+        if not context.output_started:
+            self._set_headers()
+        context.bytes_out += len(data)
+        context.flushes += 1
+        self.request.write(data)
+
+    def _write(self, data: bytes) -> None:
+        """
+        Write a whole body (or its last bytes).
+        """
+        if data:
+            self.context.bytes_out += len(data)
+            self.context.flushes += 1
+            self.request.write(data)
+
+    def _respond_json(self, status: int, document: Any) -> None:
+        """
+        Answer with C{status} and a JSON body (only before any output).
+        """
+        self._response_status = status
+        self._response_headers = [(b"content-type", [b"application/json"])]
+        self._finish_whole(json.dumps(document).encode("utf-8"))
+
+    def _respond_error(self, status: int, message: str) -> None:
+        """
+        Answer with C{status} and C{{"message": message}}.
+        """
+        self._respond_json(status, {"message": message})
+
+    # -- ending -----------------------------------------------------------
+
+    def _end_cleanly(self) -> None:
+        """
+        Finish the HTTP response normally.
+        """
+        self._ended = True
+        self._cancel_timers()
+        request = self.request
+        request.unregisterProducer()
+        if not request._disconnected:
+            request.finish()
+
+    def _fail(self, reason: str, status: int, message: str) -> None:
+        """
+        Stop the upstream and answer with an error status (nothing was sent).
+        """
+        self.context.abort_reason = reason
+        self._stop_upstream()
+        self._respond_error(status, message)
+
+    def _cut(self, reason: str, status: int, message: str) -> None:
+        """
+        End the response early for C{reason}: before any output with
+        C{status} and a JSON error; after output with a final error event in
+        the client's protocol, and a closed connection instead of a clean
+        end (never a C{[DONE]}).
+        """
+        if self._ended:
+            return
+        context = self.context
+        context.abort_reason = reason
+        log.warn("aborting AI stream: {reason}", reason=reason)
+        if not context.output_started:
+            self._fail(reason, status, message)
+            return
+        self._stop_upstream()
+        self._writer.stop()
+        self._write(error_event(context.protocol or PASSTHROUGH, message, reason))
+        self._close_connection()
+
+    def _terminate(self, result: Terminate) -> None:
+        """
+        A body filter ended the response.
+        """
+        context = self.context
+        context.abort_reason = result.reason
+        self._stop_upstream()
+        if not context.output_started:
+            self._response_status = result.status
+            self._response_headers = [(b"content-type", [result.content_type.encode("latin-1")])]
+            self._finish_whole(result.data)
+            return
+        if self._writer is not None:
+            self._writer.stop()
+        self._write(result.data)
+        self._end_cleanly()
+
+    def _close_connection(self) -> None:
+        """
+        Drop the client connection after what was written, without the
+        terminating chunk: the client sees a truncated response.
+        """
+        self._ended = True
+        self._cancel_timers()
+        request = self.request
+        request.unregisterProducer()
+        if not request._disconnected:
+            request.channel.loseConnection()
+        self._log()
+
+    def _stop_upstream(self) -> None:
+        """
+        Abort the upstream transfer in whatever phase it is; the connection
+        is closed, never returned to the pool.
+        """
+        self._ended = True
+        self._cancel_timers()
+        if self._upstream_d is not None:
+            d, self._upstream_d = self._upstream_d, None
+            if not d.called:
+                d.cancel()
+        if self._body_transport is not None:
+            transport, self._body_transport = self._body_transport, None
+            transport.stopProducing()
+
+    # -- client side ------------------------------------------------------
+
+    def _client_finished(self, _: object) -> None:
+        """
+        The response was fully written.
+        """
+        self._log()
+
+    def _client_lost(self, reason: Failure) -> None:
+        """
+        The client's connection closed before the response was complete.
+        """
+        context = self.context
+        if self._ended and context.abort_reason is not None:
+            self._log()
+            return
+        if not self._ended:
+            context.abort_reason = "client_disconnect"
+            context.status = 499
+            log.info("client disconnected during AI streaming, aborting upstream read")
+            self._stop_upstream()
+            if self._writer is not None:
+                self._writer.discard()
+        self._log()
+
+    def _log(self) -> None:
+        """
+        Write the access record, once.
+        """
+        if self._logged:
+            return
+        self._logged = True
+        context = self.context
+        if context.status is None:
+            context.status = self._response_status
+        log_access(context.record())
+
+    # -- upstream failures and timers -------------------------------------
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        """
+        No response from upstream: connect, send or header phase failed.
+        """
+        self._upstream_d = None
+        if self._ended:
+            return
+        self.context.upstream_response_time_ms = _ms(self.clock.seconds() - self.context.started)
+        if failure.check(CancelledError, TimeoutError, ConnectingCancelledError) or _cancelled(failure):
+            log.warn("upstream request timed out")
+            self._fail("timeout", 504, "upstream timed out")
+        elif failure.check(DNSLookupError, ConnectError):
+            log.warn("connecting upstream failed: {error}", error=failure.getErrorMessage())
+            self._fail("upstream_error", 502, f"failed to connect to upstream: {failure.getErrorMessage()}")
+        else:
+            log.warn("upstream request failed: {error}", error=_describe(failure))
+            self._fail("upstream_error", 502, "upstream closed the connection without a response")
+
+    def _bug(self, failure: Failure) -> None:
+        """
+        A programming error in a callback: log it and answer 500 if possible.
+        """
+        log.failure("proxying a request failed", failure)
+        if not self._ended:
+            self._fail("internal_error", 500, "internal error")
+
+    def _arm(self, name: str, delay: float, call: Any) -> None:
+        """
+        (Re)start the timer C{name}.
+        """
+        timer = self._timers.get(name)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timers[name] = self.clock.callLater(delay, call)
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+
+    def _arm_duration_limit(self) -> None:
+        """
+        Enforce C{max_stream_duration_ms} from the request's start, by a
+        timer (so a silent upstream is cut too); streams only.
+        """
+        limit = self.conf.get("max_stream_duration_ms")
+        if limit is None or not self.context.stream or "duration" in self._timers:
+            return
+        remaining = self.context.started + limit / 1000.0 - self.clock.seconds()
+        self._arm("duration", max(remaining, 0.0), self._duration_exceeded)
+
+    def _duration_exceeded(self) -> None:
+        self._cut("max_stream_duration_ms", 504, "max_stream_duration_ms exceeded")
+
+    def _read_timer(self) -> None:
+        """
+        C{timeout} per read: no upstream chunk for that long ends the
+        response (504 before output, an error event after).
+        """
+        timeout = self.conf["timeout"] / 1000.0
+        idle = self.clock.seconds() - self._last_chunk
+        if idle < timeout:
+            self._arm("read", timeout - idle, self._read_timer)
+            return
+        self._cut("timeout", 504, "upstream read timed out")
+
+
+def _cancelled(failure: Failure) -> bool:
+    """
+    Whether a treq/Agent failure wraps a cancellation (its timeout).
+    """
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(r.check(CancelledError) for r in reasons)
+
+
+def _describe(failure: Failure) -> str:
+    """
+    A short description of a failure, with the reasons it wraps.
+    """
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return failure.getErrorMessage()
+

@@ -1,0 +1,256 @@
+# -*- test-case-name: tests.test_request -*-
+"""
+The request path (SPEC section 3): checking the client's body, detecting its
+protocol, and building the upstream URL, headers and body.
+
+Everything here is a pure function of the client request and the route's
+config, so it is tested without sockets.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from twisted.web.http_headers import Headers
+
+from aiproxy.protocols import OPENAI_CHAT, PASSTHROUGH, detect_protocol
+from aiproxy.providers import Provider
+
+__all__ = [
+    "ClientError",
+    "UpstreamRequest",
+    "Target",
+    "apply_body_overrides",
+    "check_content_type",
+    "deep_merge",
+    "parse_body",
+    "upstream_headers",
+    "upstream_url",
+]
+
+#: Hop-by-hop headers (RFC 9110 section 7.6.1) and those aiproxy sets itself.
+_DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"accept-encoding",
+        b"content-type",
+    }
+)
+
+_MISSING = object()
+
+#: Client credentials that never travel upstream when the route has its own.
+_CLIENT_CREDENTIALS = frozenset({b"authorization", b"cookie", b"x-api-key", b"api-key"})
+
+
+class ClientError(Exception):
+    """
+    The client's request is refused: C{status} with a JSON C{message}.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    Where a route sends requests: one provider with its config.
+
+    @ivar name: the instance name in access records.
+    @ivar conf: the C{ai-proxy} config (or a multi instance merged with the
+        plugin's shared fields).
+    """
+
+    name: str
+    provider: Provider
+    conf: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """
+    A request ready to send upstream.
+    """
+
+    method: str
+    url: str
+    headers: Headers
+    body: bytes | None
+
+
+def check_content_type(content_type: bytes | None) -> None:
+    """
+    Refuse a body that does not claim to be JSON (no header counts as JSON).
+
+    @raise ClientError: 400.
+    """
+    if content_type is None:
+        return
+    value = content_type.decode("latin-1").strip()
+    if not value.lower().startswith("application/json"):
+        raise ClientError(400, f"unsupported content-type: {value}, only application/json is supported")
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """
+    Parse the client's JSON body.
+
+    @raise ClientError: 400 for an empty, invalid or non-object body.
+    """
+    if not raw.strip():
+        raise ClientError(400, "empty request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ClientError(400, f"could not parse JSON request body: {e}") from None
+    if not isinstance(body, dict):
+        raise ClientError(400, "could not parse JSON request body: expected a JSON object")
+    return body
+
+
+def deep_merge(target: dict[str, Any], patch: Mapping[str, Any], force: bool) -> bool:
+    """
+    Merge C{patch} into C{target} in place: objects on both sides are merged
+    recursively; anything else is set where C{target} lacks the key, or
+    always when C{force} is set (JSON Merge Patch without deletions).
+
+    @return: whether C{target} changed.
+    """
+    changed = False
+    for key, value in patch.items():
+        current = target.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(current, dict):
+            changed = deep_merge(current, value, force) or changed
+        elif (current is _MISSING or force) and current != value:
+            target[key] = copy.deepcopy(value)
+            changed = True
+    return changed
+
+
+def _set(body: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
+    """
+    Set C{body["a"]["b"]} for C{path} C{("a", "b")}, creating objects on the way.
+
+    @return: whether C{body} changed.
+    """
+    *parents, leaf = path
+    for name in parents:
+        child = body.get(name)
+        if not isinstance(child, dict):
+            child = body[name] = {}
+        body = child
+    if body.get(leaf, _MISSING) == value:
+        return False
+    body[leaf] = copy.deepcopy(value)
+    return True
+
+
+def apply_body_overrides(body: dict[str, Any], protocol: str, target: Target) -> bool:
+    """
+    Apply the route's body changes in order: C{options} (flat overwrite),
+    C{override.llm_options.max_tokens}, C{override.request_body} (deep
+    merge), model removal, and C{stream_options.include_usage} for streamed
+    OpenAI chat.
+
+    @return: whether the body changed (if not, the client's bytes are sent).
+    """
+    conf = target.conf
+    provider = target.provider
+    changed = False
+    for key, value in (conf.get("options") or {}).items():
+        changed = _set(body, (key,), value) or changed
+    override = conf.get("override") or {}
+    max_tokens = (override.get("llm_options") or {}).get("max_tokens")
+    field = provider.max_tokens_field.get(protocol)
+    if max_tokens is not None and field:
+        changed = _set(body, tuple(field.split(".")), max_tokens) or changed
+    patch = (override.get("request_body") or {}).get(protocol)
+    if patch:
+        changed = deep_merge(body, patch, override.get("request_body_force_override", False)) or changed
+    if provider.remove_model and "model" in body:
+        del body["model"]
+        changed = True
+    if protocol == OPENAI_CHAT and body.get("stream") is True:
+        changed = _set(body, ("stream_options", "include_usage"), True) or changed
+    return changed
+
+
+def upstream_url(
+    target: Target, protocol: str, client_path: str, client_query: str
+) -> str:
+    """
+    The upstream URL: C{override.endpoint} (its path verbatim when it has
+    one, else the provider's default path), else the provider's default
+    host and path; C{auth.query} merged into the query. Passthrough keeps
+    the client's path and query on the upstream host.
+    """
+    conf = target.conf
+    endpoint = (conf.get("override") or {}).get("endpoint")
+    base = endpoint or target.provider.base_url
+    if base is None:
+        raise ClientError(500, f"provider {target.provider.name} needs override.endpoint")
+    scheme, netloc, path, query, _ = urlsplit(base)
+    if protocol == PASSTHROUGH:
+        path, query = client_path, client_query
+    elif not endpoint or path in ("", "/"):
+        path = target.provider.paths[protocol]
+    params = parse_qsl(query, keep_blank_values=True)
+    auth_query = (conf.get("auth") or {}).get("query") or {}
+    if auth_query:
+        params = [(k, v) for k, v in params if k not in auth_query] + list(auth_query.items())
+    return urlunsplit((scheme, netloc, path, urlencode(params), ""))
+
+
+def upstream_headers(client_headers: Iterable[tuple[bytes, list[bytes]]], auth: Mapping[str, Any]) -> Headers:
+    """
+    The upstream request headers: the client's minus hop-by-hop, C{host},
+    C{content-length} and C{accept-encoding}, minus its credentials when
+    the route supplies its own; then C{auth.header} (always winning) and
+    C{content-type: application/json}.
+    """
+    auth_headers: Mapping[str, str] = auth.get("header") or {}
+    own_credentials = bool(auth_headers or auth.get("query"))
+    replaced = {name.lower().encode("latin-1") for name in auth_headers}
+    headers = Headers()
+    for name, values in client_headers:
+        lower = name.lower()
+        if lower in _DROPPED or lower in replaced:
+            continue
+        if own_credentials and lower in _CLIENT_CREDENTIALS:
+            continue
+        headers.setRawHeaders(name, values)
+    for name, value in auth_headers.items():
+        headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    return headers
+
+
+def detect(path: str, body: Mapping[str, Any]) -> str:
+    """
+    The client's protocol.
+
+    @raise ClientError: 400 for an empty JSON object.
+    """
+    protocol = detect_protocol(path, body)
+    if protocol is None:
+        raise ClientError(400, "request body must not be empty")
+    return protocol

@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_routes -*-
+"""
+Routes: matching a request path to a route, and everything a route needs
+at run time (its target, upstream client and filters), built once per
+config load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+
+from aiproxy.config import Config, ConfigError, RouteConfig
+from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin, IRequestFilter
+from aiproxy.providers import UnsupportedProvider, get_provider
+from aiproxy.request import Target
+from aiproxy.schema import format_path
+from aiproxy.upstream import UpstreamClient
+
+__all__ = ["Route", "RouteTable", "build_routes"]
+
+
+@dataclass
+class Route:
+    """
+    One route, ready to serve.
+
+    @ivar conf: the proxy plugin's config (limits, flush mode, timeouts).
+    @ivar request_filters: request filters, highest priority first.
+    @ivar body_filters: body-filter factories, highest priority first.
+    """
+
+    id: str
+    uris: tuple[str, ...]
+    methods: tuple[str, ...] | None
+    conf: Mapping[str, Any]
+    target: Target
+    client: UpstreamClient
+    request_filters: Sequence[IRequestFilter] = ()
+    body_filters: Sequence[IBodyFilterFactory] = ()
+
+
+class RouteTable:
+    """
+    Finds the route of a request path: exact paths first, then the longest
+    C{/*} prefix; among equals, the first route in the file.
+    """
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = tuple(routes)
+        self._exact: dict[str, list[Route]] = {}
+        prefixes: list[tuple[str, int, Route]] = []
+        for order, route in enumerate(self.routes):
+            for uri in route.uris:
+                if uri.endswith("/*"):
+                    prefixes.append((uri[:-1], order, route))
+                else:
+                    self._exact.setdefault(uri, []).append(route)
+        prefixes.sort(key=lambda item: (-len(item[0]), item[1]))
+        self._prefixes = [(prefix, route) for prefix, _, route in prefixes]
+
+    def match(self, path: str, method: str) -> Route | None:
+        """
+        The route serving C{method} C{path}, or L{None}.
+        """
+        for route in self._exact.get(path, ()):
+            if route.methods is None or method in route.methods:
+                return route
+        for prefix, route in self._prefixes:
+            if path.startswith(prefix) and (route.methods is None or method in route.methods):
+                return route
+        return None
+
+    def close(self) -> Deferred[Any]:
+        """
+        Close every route's idle upstream connections.
+        """
+        return gatherResults([route.client.close() for route in self.routes])
+
+
+def _configure_plugins(
+    route: RouteConfig, plugins: Mapping[str, IFilterPlugin]
+) -> tuple[list[IRequestFilter], list[IBodyFilterFactory]]:
+    """
+    Configure a route's filter plugins, highest priority first.
+    """
+    request_filters: list[IRequestFilter] = []
+    body_filters: list[IBodyFilterFactory] = []
+    ordered = sorted(route.plugins.items(), key=lambda item: -plugins[item[0]].priority)
+    for name, conf in ordered:
+        configured = plugins[name].configure(dict(conf))
+        if IRequestFilter.providedBy(configured):
+            request_filters.append(configured)
+        if IBodyFilterFactory.providedBy(configured):
+            body_filters.append(configured)
+    return request_filters, body_filters
+
+
+def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[str, IFilterPlugin]) -> Route:
+    """
+    Build one route.
+
+    @raise ConfigError: for a provider this version does not serve, or an
+        C{ssl_ca_file} that cannot be read.
+    """
+    path = ["routes", index, "plugins", route.proxy_plugin]
+    conf = route.proxy
+    if route.proxy_plugin != "ai-proxy":
+        raise ConfigError([f"{format_path(path)}: ai-proxy-multi is not supported by this version"])
+    try:
+        provider = get_provider(conf["provider"])
+    except UnsupportedProvider as e:
+        raise ConfigError([f"{format_path(path + ['provider'])}: {e}"]) from None
+    if provider.base_url is None and not (conf.get("override") or {}).get("endpoint"):
+        raise ConfigError(
+            [f"{format_path(path + ['override', 'endpoint'])}: required for provider '{provider.name}'"]
+        )
+    try:
+        client = UpstreamClient(reactor, conf)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"{format_path(path + ['ssl_ca_file'])}: {e}"]) from None
+    request_filters, body_filters = _configure_plugins(route, plugins)
+    return Route(
+        id=route.id,
+        uris=route.uris,
+        methods=route.methods,
+        conf=conf,
+        target=Target(f"ai-proxy-{provider.name}", provider, conf),
+        client=client,
+        request_filters=request_filters,
+        body_filters=body_filters,
+    )
+
+
+def build_routes(config: Config, reactor: Any, plugins: Mapping[str, IFilterPlugin] | None = None) -> RouteTable:
+    """
+    Build the route table of a validated config.
+
+    @param plugins: filter plugins by name; the installed ones by default.
+    @raise ConfigError: with every route problem found.
+    """
+    if plugins is None:
+        from aiproxy.plugins import available_plugins
+
+        plugins = available_plugins()
+    routes: list[Route] = []
+    problems: list[str] = []
+    for index, route in enumerate(config.routes):
+        try:
+            routes.append(_build_route(index, route, reactor, plugins))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return RouteTable(routes)

@@ -1,0 +1,182 @@
+# -*- test-case-name: tests.test_server -*-
+"""
+The HTTP front: a L{Site} whose root finds the route of each request, and
+a L{Request} that refuses an oversized body before reading it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from aiproxy.accesslog import log_access
+from aiproxy.proxy import Exchange
+from aiproxy.routes import Route, RouteTable
+
+__all__ = ["GatewayRequest", "GatewayResource", "GatewaySite"]
+
+def _json_error(message: str) -> bytes:
+    return json.dumps({"message": message}).encode("utf-8")
+
+
+class RouteResource(Resource):
+    """
+    The resource of one route: each request becomes an L{Exchange}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, route: Route, clock: IReactorTime) -> None:
+        super().__init__()
+        self._route = route
+        self._clock = clock
+
+    def render(self, request: Request) -> Any:
+        Exchange(self._route, request, self._clock).start()
+        return NOT_DONE_YET
+
+
+class NoRouteResource(Resource):
+    """
+    404 with a JSON body for a path no route serves.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        log_access(_rejection_record(request.method, request.path, 404))
+        return _json_error("404 Route Not Found")
+
+
+def _rejection_record(
+    method: bytes, path: bytes, status: int, route_id: str | None = None, reason: str | None = None
+) -> dict[str, Any]:
+    """
+    The access record of a request refused before an exchange handled it.
+    """
+    return {
+        "route_id": route_id,
+        "method": method.decode("latin-1"),
+        "path": path.partition(b"?")[0].decode("latin-1"),
+        "status": status,
+        "request_type": None,
+        "abort_reason": reason,
+    }
+
+
+class GatewayResource(Resource):
+    """
+    The root: dispatches on the whole request path to the current routes.
+
+    @ivar table: the routes in force; replacing it (on reload) affects new
+        requests only, as each request keeps the route it started with.
+    """
+
+    def __init__(self, table: RouteTable, clock: IReactorTime) -> None:
+        super().__init__()
+        self.clock = clock
+        self.table = table
+        self._resources: dict[int, RouteResource] = {}
+        self._no_route = NoRouteResource()
+
+    def match(self, path: bytes, method: bytes) -> Route | None:
+        """
+        The route for a raw request path (query ignored) and method.
+        """
+        return self.table.match(path.partition(b"?")[0].decode("latin-1"), method.decode("latin-1"))
+
+    def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
+        route = self.match(request.path, request.method)
+        if route is None:
+            return self._no_route
+        resource = self._resources.get(id(route))
+        if resource is None or resource._route is not route:
+            resource = self._resources[id(route)] = RouteResource(route, self.clock)
+        return resource
+
+    def render(self, request: Request) -> Any:
+        return self.getChildWithDefault(b"", request).render(request)
+
+    def set_table(self, table: RouteTable) -> None:
+        """
+        Serve new requests with C{table}.
+        """
+        self.table = table
+        self._resources.clear()
+
+
+class GatewayRequest(Request):
+    """
+    A request that is refused with 404 or 413 as soon as its headers are
+    in, when its path has no route or its declared (or received) body is
+    larger than the route's C{max_req_body_size}, without reading the body.
+    """
+
+    _route: Route | None = None
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        site = self.channel.site
+        path = getattr(self.channel, "_path", None)
+        command = getattr(self.channel, "_command", None)
+        if path is None or command is None:
+            return
+        self._route = site.resource.match(path, command)
+        if self._route is not None and length is not None and length > self._route.conf["max_req_body_size"]:
+            self._refuse(path, command)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._route is not None and self._received > self._route.conf["max_req_body_size"]:
+            self._refuse(getattr(self.channel, "_path", b""), getattr(self.channel, "_command", b""))
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, path: bytes, command: bytes) -> None:
+        """
+        Answer 413 at once and close the connection; the body is not read.
+        """
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")
+        body = _json_error("request body too large")
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+        route_id = self._route.id if self._route is not None else None
+        log_access(_rejection_record(command, path, 413, route_id, "request_too_large"))
+
+
+class GatewaySite(Site):
+    """
+    The gateway's site: L{GatewayRequest}s, and no Twisted access log (the
+    exchanges write their own records).
+    """
+
+    requestFactory = GatewayRequest
+
+    def __init__(self, resource: GatewayResource, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+
+    def log(self, request: Request) -> None:
+        """
+        Access records come from L{aiproxy.accesslog}, not from here.
+        """
+

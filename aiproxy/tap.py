@@ -1,0 +1,136 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd aiproxy}: command-line options and the service tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+
+from aiproxy import __version__
+from aiproxy.config import Config, ConfigError, load_config
+from aiproxy.logs import text_observer
+from aiproxy.routes import RouteTable, build_routes
+from aiproxy.server import GatewayResource, GatewaySite
+
+__all__ = ["GatewayService", "Options", "makeService"]
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """
+    C{twistd aiproxy --config PATH [--listen ENDPOINT ...]}.
+    """
+
+    synopsis = "--config PATH [--listen ENDPOINT ...]"
+    longdesc = (
+        "Serve the routes of an aiproxy YAML config. Invalid configs are refused "
+        "with one '<json path>: <reason>' line per problem."
+    )
+    optParameters = [["config", "c", None, "Path to the YAML config file (required)."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        Listen on this Twisted server endpoint string instead of the
+        config's C{listen} (repeatable).
+        """
+        self["listen"].append(endpoint)
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"aiproxy {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config PATH is required")
+        from twisted.internet import reactor
+
+        try:
+            self["parsed"] = load_config(self["config"])
+            self["routes"] = build_routes(self["parsed"], reactor)
+        except ConfigError as e:
+            raise usage.UsageError(_problems(self["config"], e)) from None
+
+
+def _problems(path: str, error: ConfigError) -> str:
+    """
+    The message of an invalid config: one problem per line.
+    """
+    return f"invalid configuration {path}:\n" + "\n".join(error.problems)
+
+
+class GatewayService(MultiService):
+    """
+    The whole gateway: listeners over one L{GatewayResource}, the routes'
+    upstream pools closed on stop.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        table: RouteTable,
+        reactor: Any,
+        listen: list[str] | None = None,
+        log_observer: ILogObserver | None = None,
+    ) -> None:
+        """
+        @param listen: endpoint strings overriding the config's C{listen}.
+        @param log_observer: installed as the application's log observer.
+        """
+        super().__init__()
+        self.config = config
+        self.log_observer = log_observer
+        self.reactor = reactor
+        self.resource = GatewayResource(table, reactor)
+        self.site = GatewaySite(self.resource, reactor=reactor)
+        for endpoint in listen or config.listen:
+            listener = StreamServerEndpointService(serverFromString(reactor, endpoint), self.site)
+            listener._raiseSynchronously = True
+            listener.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Attach to the application, making C{log_observer} its log observer.
+        """
+        super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+
+    def stopService(self) -> Deferred[Any]:
+        d = maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self.resource.table.close())
+        return d
+
+
+def makeService(options: Options) -> GatewayService:
+    """
+    Build the gateway from parsed options. Unless twistd was told where to
+    log, it logs with L{aiproxy.logs.text_observer} (access records as bare
+    JSON lines on stdout).
+    """
+    from twisted.internet import reactor
+
+    parent = getattr(options, "parent", None) or {}
+    default_logging = parent.get("logfile") in (None, "-") and not parent.get("logger")
+    return GatewayService(
+        options["parsed"],
+        options["routes"],
+        reactor,
+        options["listen"],
+        text_observer() if default_logging else None,
+    )

@@ -1,0 +1,151 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+The upstream HTTP client of one route: treq over a persistent
+L{HTTPConnectionPool}, with the route's keep-alive, TLS and timeout settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+from OpenSSL import SSL
+from treq.client import HTTPClient
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+__all__ = ["UpstreamClient", "tls_policy"]
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, written in one go.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedCreator:
+    """
+    TLS without certificate verification (C{ssl_verify: false}); SNI is
+    still sent.
+    """
+
+    def __init__(self, hostname: bytes) -> None:
+        self._hostname = hostname
+        self._context = ssl.CertificateOptions(verify=False).getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._hostname)
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class _UnverifiedPolicy:
+    """
+    The HTTPS policy of C{ssl_verify: false}.
+    """
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> _UnverifiedCreator:
+        return _UnverifiedCreator(hostname)
+
+
+def _trust_root(path: str) -> Any:
+    """
+    A trust root holding every certificate of the PEM bundle at C{path}.
+    """
+    with open(path, "rb") as f:
+        pem = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
+    if not blocks:
+        raise ValueError(f"no certificate in {path}")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(block) for block in blocks])
+
+
+def tls_policy(conf: Mapping[str, Any]) -> IPolicyForHTTPS:
+    """
+    The HTTPS policy of a route: verified against the system trust store
+    (or C{ssl_ca_file}) unless C{ssl_verify} is false.
+    """
+    if not conf.get("ssl_verify", True):
+        return _UnverifiedPolicy()
+    if conf.get("ssl_ca_file"):
+        return BrowserLikePolicyForHTTPS(trustRoot=_trust_root(conf["ssl_ca_file"]))
+    return BrowserLikePolicyForHTTPS()
+
+
+class UpstreamClient:
+    """
+    Sends requests upstream for one route over its own connection pool.
+    """
+
+    def __init__(self, reactor: IReactorTime, conf: Mapping[str, Any]) -> None:
+        """
+        @param conf: the route's C{ai-proxy} config (C{keepalive},
+            C{keepalive_pool}, C{keepalive_timeout}, C{timeout},
+            C{ssl_verify}, C{ssl_ca_file}).
+        """
+        self._reactor = reactor
+        self._timeout = conf["timeout"] / 1000.0
+        self.pool = HTTPConnectionPool(reactor, persistent=conf["keepalive"])
+        self.pool.maxPersistentPerHost = conf["keepalive_pool"]
+        self.pool.cachedConnectionTimeout = conf["keepalive_timeout"] / 1000.0
+        self.pool.retryAutomatically = False
+        agent = Agent(
+            reactor,
+            contextFactory=tls_policy(conf),
+            connectTimeout=self._timeout,
+            pool=self.pool,
+        )
+        # Upstream cookies are never kept: the pool is shared by all clients.
+        jar = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+        self._http = HTTPClient(agent, cookiejar=jar, data_to_body_producer=BytesProducer)
+
+    def request(self, method: str, url: Any, headers: Headers, body: bytes | None) -> Deferred[Any]:
+        """
+        Send one request; the Deferred fires with the treq response as soon
+        as its headers arrive (the body is not read), or fails after
+        C{timeout} without them.
+        """
+        return self._http.request(
+            method,
+            url,
+            headers=headers,
+            data=body or None,
+            allow_redirects=False,
+            unbuffered=True,
+            timeout=self._timeout,
+            reactor=self._reactor,
+        )
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the idle pooled connections.
+        """
+        return self.pool.closeCachedConnections()
