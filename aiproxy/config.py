@@ -81,6 +81,17 @@ class Config:
     source: str | None = None
 
 
+def _yaml_reason(error: yaml.YAMLError) -> str:
+    """
+    A one-line description of a YAML syntax error.
+    """
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def _substitute(node: Any, environ: Mapping[str, str], path: list[str | int], problems: list[str]) -> Any:
     """
     Replace C{${VAR}} (or C{${VAR:-default}}) in every string of a parsed
@@ -189,19 +200,22 @@ def parse_config(
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError([f"(root): invalid YAML: {e}"]) from None
+        raise ConfigError([f"(root): invalid YAML: {_yaml_reason(e)}"]) from None
     if document is None:
         document = {}
     problems: list[str] = []
     document = _substitute(document, environ, [], problems)
     problems.extend(schema_errors(document, load_schema("config")))
-    if not problems:
-        for index, route in enumerate(document["routes"]):
-            problems.extend(_route_problems(index, route, plugin_schemas))
-        ids = [route.get("id", f"route-{i}") for i, route in enumerate(document["routes"])]
-        for index, route_id in enumerate(ids):
-            if route_id in ids[:index]:
-                problems.append(f"{format_path(['routes', index, 'id'])}: duplicate route id '{route_id}'")
+    routes = document.get("routes") if isinstance(document, dict) else None
+    if isinstance(routes, list):
+        ids = []
+        for index, route in enumerate(routes):
+            if isinstance(route, dict):
+                problems.extend(_route_problems(index, route, plugin_schemas))
+                route_id = route.get("id", f"route-{index}")
+                if route_id in ids:
+                    problems.append(f"{format_path(['routes', index, 'id'])}: duplicate route id '{route_id}'")
+                ids.append(route_id)
     if problems:
         raise ConfigError(problems)
     listen = document["listen"]

@@ -109,31 +109,26 @@ def format_path(parts: Iterable[str | int]) -> str:
     return out or "(root)"
 
 
-def _error_path(error: ValidationError) -> list[str | int]:
+def _problems(error: ValidationError) -> Iterator[tuple[list[str | int], str]]:
     """
-    The path an error is reported at: for a missing or unexpected property,
-    the path of that property rather than of its parent.
+    The path(s) and reason of one validation error. A missing or unexpected
+    property is reported at its own path rather than its parent's; a schema's
+    own C{x-message} replaces jsonschema's wording.
     """
-    path = list(error.absolute_path)
-    if error.validator == "required":
-        path.append(error.message.split("'")[1])
-    elif error.validator == "additionalProperties" and "'" in error.message:
-        extras = [name for name in error.instance if name not in error.schema.get("properties", {})]
-        if len(extras) == 1:
-            path.append(extras[0])
-    return path
-
-
-def _message(error: ValidationError) -> str:
-    """
-    An error's reason: the schema's own C{x-message} where it has one.
-    """
-    custom = error.schema.get("x-message") if isinstance(error.schema, dict) else None
-    if custom:
-        return custom
-    if error.validator == "additionalProperties":
-        return "unknown key: " + error.message.split("(", 1)[-1].rstrip(")")
-    return error.message
+    path: list[str | int] = list(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if schema.get("x-message"):
+        yield path, schema["x-message"]
+    elif error.validator == "required":
+        yield path + [error.message.split("'")[1]], "is a required property"
+    elif error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = schema.get("properties", {})
+        patterns = schema.get("patternProperties", {})
+        extras = [name for name in error.instance if name not in known and not patterns]
+        for name in extras or [""]:
+            yield path + [name] if name else path, f"unknown key '{name}'" if name else error.message
+    else:
+        yield path, error.message
 
 
 def schema_errors(
@@ -149,5 +144,6 @@ def schema_errors(
     validator = DefaultFillingValidator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
     for error in errors:
-        yield f"{format_path(prefix + _error_path(error))}: {_message(error)}"
+        for path, message in _problems(error):
+            yield f"{format_path(prefix + path)}: {message}"
 
