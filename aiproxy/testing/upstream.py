@@ -45,11 +45,11 @@ import base64
 import json
 import random
 import sys
-from http.client import responses
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import cached_property
+from http.client import responses
 from itertools import chain, count, islice
 from typing import Any, NamedTuple
 
@@ -1400,18 +1400,18 @@ class RunningMockUpstream(NamedTuple):
     A mock upstream listening, as L{start_mock_upstream} returns it.
 
     @ivar upstream: Its state.
-    @ivar port: The port number it listens on.
+    @ivar port: The TCP port number it listens on, C{None} on a UNIX socket.
     @ivar listening_port: Stop it with C{stopListening()}.
     """
 
     upstream: MockUpstream
-    port: int
+    port: int | None
     listening_port: IListeningPort
 
     def url(self, path: str = "/v1/chat/completions") -> str:
         """
         @param path: A path, query allowed.
-        @return: The C{http://} URL of C{path} on the mock.
+        @return: The C{http://} URL of C{path} on the mock (TCP only).
         """
         return f"http://{_describe(self.listening_port.getHost())}{path}"
 
@@ -1448,7 +1448,7 @@ def start_mock_upstream(
     upstream = MockUpstream(reactor if clock is None else clock)
     listening = serverFromString(reactor, endpoint).listen(_site(upstream))
     return listening.addCallback(
-        lambda port: RunningMockUpstream(upstream, port.getHost().port, port)
+        lambda port: RunningMockUpstream(upstream, getattr(port.getHost(), "port", None), port)
     )
 
 
