@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import sys
 from collections import deque
@@ -141,15 +142,20 @@ class MockControls:
     @ivar first_delay_ms: Pause before the status line and headers.
     @ivar body_delay_ms: Pause after the headers, before the first body byte.
     @ivar burst: Events per write; each write is one HTTP chunk.
-    @ivar endless: Stream content events forever, until the client leaves.
+    @ivar endless: Stream content events (C{"tok<i> "}, C{text} ignored)
+        forever, one write per C{delay_ms}, until the client leaves.
     @ivar crlf: End lines with CRLF and events with C{\\r\\n\\r\\n}.
     @ivar text: The whole content text, split into C{events} pieces (fewer
         when the text is shorter).
     @ivar status: Answer with this status and an error body in the API's
         shape (C{retry-after: 1} on 429).
-    @ivar truncate: Stop after the content events of a stream (or half of a
-        non-streamed body) and close the connection without ending the
-        response.
+    @ivar truncate: Stop a stream after its first C{events} content events
+        (endless or not), without the finish, usage or C{[DONE]} events, or
+        a non-streamed body after half of it, and close the connection
+        without ending the response. The bytes written are flushed before
+        the close (C{abortConnection} would discard them), so the client
+        receives them all, then sees an incomplete chunked or
+        C{Content-Length} body.
     @ivar keepalive_comments: Number of C{: keep-alive} comment blocks sent
         before the first event, one per write.
     @ivar content_type: Replaces the response's C{Content-Type}.
@@ -1458,6 +1464,11 @@ class Options(usage.Options):
     """
 
     synopsis = "python -m aiproxy.testing.upstream [--listen ENDPOINT | --port N]"
+    longdesc = (
+        "Serve a deterministic mock LLM upstream (OpenAI chat completions, "
+        "Anthropic Messages, OpenAI Responses, embeddings); controls and "
+        "resources are described in aiproxy.testing.upstream."
+    )
     optParameters = [
         ["listen", "l", None, f"Server endpoint string to listen on [default: {DEFAULT_LISTEN}]."],
         ["port", "p", None, "Shorthand for --listen tcp:port=N:interface=127.0.0.1.", int],
@@ -1489,7 +1500,8 @@ def _describe(address: IAddress) -> str:
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is not None and port is not None:
         return f"{host}:{port}"
-    return str(getattr(address, "name", address))
+    name = getattr(address, "name", None)
+    return os.fsdecode(name) if name is not None else str(address)
 
 
 async def _serve(reactor: IReactorTime, endpoint: str) -> None:
