@@ -30,6 +30,9 @@ _LFLF = b"\n\n"
 _CRLFCRLF = b"\r\n\r\n"
 _DATA = b"data: "
 _CRLF = b"\r\n"
+# Membership of an int is a plain memchr, faster than that of a bytes.
+_CR_BYTE = 0x0D
+_LF_BYTE = 0x0A
 
 
 class SSEEvent:
@@ -77,8 +80,6 @@ class SSEEvent:
             and self.retry == other.retry
         )
 
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         return (
             f"SSEEvent({self.data!r}, event={self.event!r}, id={self.id!r}, retry={self.retry!r})"
@@ -121,37 +122,6 @@ def _parse_lines(lines: list[bytes]) -> SSEEvent | None:
     return SSEEvent(_LF.join(data), event, event_id, retry)
 
 
-def _decode_lines(lines: list[bytes]) -> list[SSEEvent]:
-    """
-    Decode complete blocks given as normalized lines.
-
-    @param lines: The lines of one or more blocks, without line terminators,
-        the last one empty; an empty line ends a block.
-    @return: The events, in order.
-    """
-    events = []
-    first: bytes | None = None
-    block: list[bytes] | None = None
-    for line in lines:
-        if line:
-            if first is None:
-                first = line
-            elif block is None:
-                block = [first, line]
-            else:
-                block.append(line)
-        elif first is not None:
-            if block is None and first[:6] == _DATA:
-                events.append(SSEEvent(first[6:]))
-            else:
-                event = _parse_lines([first] if block is None else block)
-                if event is not None:
-                    events.append(event)
-                block = None
-            first = None
-    return events
-
-
 def _decode_blocks(body: bytes) -> list[SSEEvent]:
     """
     Decode complete blocks of any shape, the general path.
@@ -172,14 +142,15 @@ def _decode_blocks(body: bytes) -> list[SSEEvent]:
 
 def _clean_cr(body: bytes) -> bool:
     """
-    Check that C{body} splits into the same lines with L{bytes.splitlines}.
+    Check that L{bytes.splitlines} reads C{body} as the framing rules do.
 
     That holds when every C{\\r} is followed by C{\\n}, and an empty
     C{\\r\\n} line comes after a C{\\r\\n} line or a blank line: otherwise
     C{\\n\\r\\n} would read as a boundary.
 
     @param body: The bytes to check.
-    @return: Whether L{bytes.splitlines} gives the lines and boundaries.
+    @return: Whether L{bytes.splitlines} gives the lines, an empty one at
+        each boundary.
     """
     i = body.find(_CR)
     while i >= 0:
@@ -191,7 +162,7 @@ def _clean_cr(body: bytes) -> bool:
     return True
 
 
-def _boundary_end(data: bytes) -> int:
+def _first_boundary_end(data: bytes) -> int:
     """
     Find the end of the leftmost event boundary.
 
@@ -207,6 +178,24 @@ def _boundary_end(data: bytes) -> int:
     return -1
 
 
+def _last_boundary_end(data: bytes) -> int:
+    """
+    Find the end of the rightmost event boundary.
+
+    It ends where the leftmost scan's last boundary ends, or after blank
+    lines that follow it, which hold no event.
+
+    @param data: Some bytes.
+    @return: The offset just past the rightmost boundary, or C{0}.
+    """
+    end = data.rfind(_LFLF) + 2
+    if _CR_BYTE in data:
+        crlf = data.rfind(_CRLFCRLF)
+        if crlf >= 0 and crlf + 4 > end:
+            return crlf + 4
+    return end if end > 1 else 0
+
+
 class SSEDecoder:
     """
     Decode a stream of Server-Sent Events fed in arbitrary chunks.
@@ -216,7 +205,7 @@ class SSEDecoder:
     arriving in many small reads is not copied again on every read.
     """
 
-    __slots__ = ("_max_remainder", "_parts", "_pending", "_skipping")
+    __slots__ = ("_limit", "_max_remainder", "_parts", "_pending")
 
     def __init__(self, max_remainder: int = 1024 * 1024) -> None:
         """
@@ -226,7 +215,7 @@ class SSEDecoder:
         self._max_remainder = max_remainder
         self._parts: list[bytes] = []
         self._pending = 0
-        self._skipping = False
+        self._limit = max_remainder
 
     @property
     def pending(self) -> int:
@@ -243,72 +232,94 @@ class SSEDecoder:
         @return: The events this chunk completes, in stream order.
         """
         parts = self._parts
-        if parts:
-            # Every boundary ends with a line feed; one ending in this chunk
-            # lies in it or across the junction with the carried bytes.
-            if not (
-                _LFLF in chunk
-                or _LF in chunk
-                and (_CRLFCRLF in chunk or _boundary_end(b"".join(parts[-3:])[-3:] + chunk[:3]) >= 0)
-            ):
-                return self._carry(chunk)
-            parts.append(chunk)
-            buf = b"".join(parts)
-            parts.clear()
-            self._pending = 0
-            if self._skipping:
-                self._skipping = False
-                buf = buf[_boundary_end(buf) :]
-        else:
-            buf = chunk
-
-        end = buf.rfind(_LFLF) + 2
-        has_cr = _CR in buf
-        if has_cr:
-            crlf_end = buf.rfind(_CRLFCRLF) + 4
-            if crlf_end > 3 and crlf_end > end:
+        # The end of the last boundary in the chunk: every complete event
+        # lies before it.
+        end = chunk.rfind(_LFLF) + 2
+        if _CR_BYTE in chunk:
+            crlf_end = chunk.rfind(_CRLFCRLF) + 4
+            if crlf_end > end and crlf_end > 3:
                 end = crlf_end
         if end < 2:
-            return self._carry(buf)
-        if end < len(buf):
-            body = buf[:end]
-            self._carry(buf[end:])
-        else:
-            body = buf
+            end = 0
+            if parts and chunk[:1] in _CRLF:
+                # A boundary across the junction starts the chunk and ends in
+                # its first three bytes.
+                tail = b"".join(parts[-3:])[-3:]
+                end = _last_boundary_end(tail + chunk[:3]) - len(tail)
+            if end <= 0:
+                if chunk:
+                    parts.append(chunk)
+                    self._pending += len(chunk)
+                    if self._pending > self._limit:
+                        self._drop()
+                return []
 
-        if not has_cr:
+        if parts:
+            parts.append(chunk[:end])
+            body = b"".join(parts)
+            parts.clear()
+            self._pending = 0
+            if self._limit < 0:
+                self._limit = self._max_remainder
+                body = body[_first_boundary_end(body) :]
+        else:
+            body = chunk[:end]
+        rest = chunk[end:]
+        if rest:
+            parts.append(rest)
+            self._pending = len(rest)
+            if self._pending > self._limit:
+                self._drop()
+
+        if _CR_BYTE not in body:
+            if body[:6] == _DATA and body.find(_LF_BYTE) == len(body) - 2:
+                # One event of one data line, as most writes are.
+                return [SSEEvent(body[6:-2])]
             lines = body.split(_LF)
             lines.pop()
-            return _decode_lines(lines)
-        if _clean_cr(body):
-            return _decode_lines(body.splitlines())
-        return _decode_blocks(body)
+        elif _clean_cr(body):
+            lines = body.splitlines()
+        else:
+            return _decode_blocks(body)
+        # Each empty line ends a block; most blocks are one data line.
+        events = []
+        first = None
+        block: list[bytes] | None = None
+        for line in lines:
+            if line:
+                if first is None:
+                    first = line
+                elif block is None:
+                    block = [first, line]
+                else:
+                    block.append(line)
+            elif first is not None:
+                if block is None and first[:6] == _DATA:
+                    events.append(SSEEvent(first[6:]))
+                else:
+                    event = _parse_lines([first] if block is None else block)
+                    if event is not None:
+                        events.append(event)
+                    block = None
+                first = None
+        return events
 
-    def _carry(self, data: bytes) -> list[SSEEvent]:
+    def _drop(self) -> None:
         """
-        Carry bytes over to the next L{feed}, enforcing the size limit.
+        Drop the carried bytes of an event grown beyond the size limit.
 
-        While an oversized event is being dropped only its last three bytes
-        are kept, to find its boundary across chunks.
-
-        @param data: The bytes to carry over.
-        @return: No events, for L{feed} to return.
+        Until the event's boundary only its last three bytes are kept, to
+        find that boundary across chunks; a negative limit marks that state.
         """
-        if not data:
-            return []
-        parts = self._parts
-        parts.append(data)
-        self._pending += len(data)
-        if self._pending > self._max_remainder and not self._skipping:
+        if self._limit >= 0:
             _log.warn(
                 "stream remainder exceeded {limit} bytes, dropping", limit=self._max_remainder
             )
-            self._skipping = True
-        if self._skipping:
-            tail = b"".join(parts[-3:])[-3:]
-            parts[:] = [tail]
-            self._pending = len(tail)
-        return []
+            self._limit = -1
+        parts = self._parts
+        tail = b"".join(parts[-3:])[-3:]
+        parts[:] = [tail]
+        self._pending = len(tail)
 
     def close(self) -> list[SSEEvent]:
         """
@@ -319,8 +330,8 @@ class SSEDecoder:
         buf = b"".join(self._parts)
         self._parts.clear()
         self._pending = 0
-        if self._skipping:
-            self._skipping = False
+        if self._limit < 0:
+            self._limit = self._max_remainder
         elif buf.strip(_CRLF):
             _log.warn("dropping incomplete stream frame at EOF, size: {size}", size=len(buf))
         return []

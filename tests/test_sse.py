@@ -5,7 +5,7 @@ Tests for L{aiproxy.sse}.
 
 from __future__ import annotations
 
-from itertools import product
+from itertools import pairwise, product
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,7 +99,7 @@ def split_at(stream: bytes, cuts: list[int]) -> list[bytes]:
     @return: The chunks, some of them possibly empty.
     """
     bounds = [0, *sorted(cuts), len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [stream[a:b] for a, b in pairwise(bounds)]
 
 
 _TOKENS = [
@@ -128,7 +128,9 @@ streams = st.lists(st.sampled_from(_TOKENS), max_size=60).map(b"".join)
 
 
 @st.composite
-def chunked(draw: st.DrawFn, stream_strategy: st.SearchStrategy[bytes] = streams) -> tuple[bytes, list[bytes]]:
+def chunked(
+    draw: st.DrawFn, stream_strategy: st.SearchStrategy[bytes] = streams
+) -> tuple[bytes, list[bytes]]:
     """
     Draw a stream and a split of it into chunks.
     """
@@ -222,8 +224,8 @@ _CASES: dict[str, tuple[bytes, list[SSEEvent]]] = {
     "value with colons": (b'data: {"a":"b:c"}\n\n', [SSEEvent(b'{"a":"b:c"}')]),
     "done": (b"data: [DONE]\n\n", [SSEEvent(b"[DONE]")]),
     "utf-8 bytes intact": (
-        "data: {\"t\":\"café 日本 🚀\"}\nevent: é\n\n".encode(),
-        [SSEEvent("{\"t\":\"café 日本 🚀\"}".encode(), "é")],
+        'data: {"t":"café 日本 🚀"}\nevent: é\n\n'.encode(),
+        [SSEEvent('{"t":"café 日本 🚀"}'.encode(), "é")],
     ),
     "invalid utf-8": (b"data: \xff\xfe\nid: \xff\n\n", [SSEEvent(b"\xff\xfe", id="\ufffd")]),
     "leftmost boundary wins": (b"data: a\r\n\r\n\ndata: b\n\n", [SSEEvent(b"a"), SSEEvent(b"b")]),
@@ -248,9 +250,7 @@ class SSEDecoderTests(SynchronousTestCase):
                 bytewise = [stream[i : i + 1] for i in range(len(stream))]
                 self.assertEqual(feed_all(SSEDecoder(), bytewise), expected)
                 for cut in range(len(stream) + 1):
-                    self.assertEqual(
-                        feed_all(SSEDecoder(), [stream[:cut], stream[cut:]]), expected
-                    )
+                    self.assertEqual(feed_all(SSEDecoder(), [stream[:cut], stream[cut:]]), expected)
 
     def test_events_returned_by_completing_chunk(self) -> None:
         """
