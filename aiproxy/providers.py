@@ -74,20 +74,24 @@ PROVIDERS: dict[str, Provider] = {
     "deepseek": _openai_shaped(
         "deepseek", "https://api.deepseek.com", {OPENAI_CHAT: "/chat/completions"}, "max_tokens"
     ),
-    "aimlapi": _openai_shaped("aimlapi", "https://api.aimlapi.com", _OPENAI_PATHS, "max_tokens"),
+    "aimlapi": _openai_shaped(
+        "aimlapi", "https://api.aimlapi.com", {OPENAI_CHAT: "/chat/completions"}, "max_tokens"
+    ),
     "openrouter": _openai_shaped(
-        "openrouter",
-        "https://openrouter.ai",
-        {OPENAI_CHAT: "/api/v1/chat/completions", OPENAI_RESPONSES: "/api/v1/responses",
-         OPENAI_EMBEDDINGS: "/api/v1/embeddings"},
-        "max_tokens",
+        "openrouter", "https://openrouter.ai", {OPENAI_CHAT: "/api/v1/chat/completions"}, "max_tokens"
     ),
     "gemini": _openai_shaped(
         "gemini",
         "https://generativelanguage.googleapis.com",
-        {OPENAI_CHAT: "/v1beta/openai/chat/completions",
-         OPENAI_EMBEDDINGS: "/v1beta/openai/embeddings"},
-        "max_tokens",
+        {OPENAI_CHAT: "/v1beta/openai/chat/completions"},
+        "max_completion_tokens",
+    ),
+    "azure-openai": Provider(
+        "azure-openai",
+        None,
+        {OPENAI_CHAT: "/completions"},
+        {OPENAI_CHAT: "max_tokens", OPENAI_RESPONSES: "max_output_tokens"},
+        remove_model=True,
     ),
     "anthropic": Provider(
         "anthropic",

@@ -31,6 +31,7 @@ from aiproxy.filters import BodyFilterChain, Reject, Terminate, open_chain
 from aiproxy.protocols import PASSTHROUGH, error_event, observer_for
 from aiproxy.request import (
     ClientError,
+    too_large_message,
     apply_body_overrides,
     check_content_type,
     detect,
@@ -153,7 +154,7 @@ class Exchange:
         raw = request.content.read() if request.content is not None else b""
         context.bytes_in = len(raw)
         if len(raw) > self.conf["max_req_body_size"]:
-            raise ClientError(413, "request body too large")
+            raise ClientError(413, too_large_message(len(raw), self.conf["max_req_body_size"]))
         check_content_type(request.getHeader(b"content-type"))
         body = parse_body(raw)
         protocol = detect(context.path, body)
@@ -370,6 +371,9 @@ class Exchange:
                 self._writer.write(tail)
         self._writer.stop()
         if not context.output_started:
+            if self._received == 0:
+                self._fail("upstream_error", 502, "upstream returned an empty stream")
+                return
             self._set_headers()
         self._end_cleanly()
 

@@ -27,6 +27,7 @@ __all__ = [
     "Target",
     "apply_body_overrides",
     "check_content_type",
+    "too_large_message",
     "deep_merge",
     "parse_body",
     "upstream_headers",
@@ -97,6 +98,13 @@ class UpstreamRequest:
     body: bytes | None
 
 
+def too_large_message(size: int, limit: int) -> str:
+    """
+    The 413 message of a body of C{size} bytes over C{limit}.
+    """
+    return f"could not get body: request size {size} is greater than the maximum size {limit} allowed"
+
+
 def check_content_type(content_type: bytes | None) -> None:
     """
     Refuse a body that does not claim to be JSON (no header counts as JSON).
@@ -117,7 +125,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     @raise ClientError: 400 for an empty, invalid or non-object body.
     """
     if not raw.strip():
-        raise ClientError(400, "empty request body")
+        raise ClientError(400, "could not get body: request body is empty")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -200,8 +208,10 @@ def upstream_url(
     """
     The upstream URL: C{override.endpoint} (its path verbatim when it has
     one, else the provider's default path), else the provider's default
-    host and path; C{auth.query} merged into the query. Passthrough keeps
-    the client's path and query on the upstream host.
+    host and path. The query is C{auth.query} with the endpoint's own
+    parameters over it (as APISIX merges them). Passthrough keeps the
+    client's path and query on the upstream host; the client cannot
+    override C{auth.query} parameters.
     """
     conf = target.conf
     endpoint = (conf.get("override") or {}).get("endpoint")
@@ -213,10 +223,14 @@ def upstream_url(
         path, query = client_path, client_query
     elif not endpoint or path in ("", "/"):
         path = target.provider.paths[protocol]
-    params = parse_qsl(query, keep_blank_values=True)
     auth_query = (conf.get("auth") or {}).get("query") or {}
+    params = parse_qsl(query, keep_blank_values=True)
     if auth_query:
-        params = [(k, v) for k, v in params if k not in auth_query] + list(auth_query.items())
+        if protocol == PASSTHROUGH:
+            params = [(k, v) for k, v in params if k not in auth_query] + list(auth_query.items())
+        else:
+            given = {k for k, _ in params}
+            params = [(k, v) for k, v in auth_query.items() if k not in given] + params
     return urlunsplit((scheme, netloc, path, urlencode(params), ""))
 
 
@@ -252,5 +266,5 @@ def detect(path: str, body: Mapping[str, Any]) -> str:
     """
     protocol = detect_protocol(path, body)
     if protocol is None:
-        raise ClientError(400, "request body must not be empty")
+        raise ClientError(400, "no matching AI protocol for the request")
     return protocol

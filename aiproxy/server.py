@@ -15,6 +15,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aiproxy.accesslog import log_access
 from aiproxy.proxy import Exchange
+from aiproxy.request import too_large_message
 from aiproxy.routes import Route, RouteTable
 
 __all__ = ["GatewayRequest", "GatewayResource", "GatewaySite"]
@@ -131,14 +132,16 @@ class GatewayRequest(Request):
             return
         self._route = site.resource.match(path, command)
         if self._route is not None and length is not None and length > self._route.conf["max_req_body_size"]:
-            self._refuse(path, command)
+            self._refuse(path, command, length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
         if self._route is not None and self._received > self._route.conf["max_req_body_size"]:
-            self._refuse(getattr(self.channel, "_path", b""), getattr(self.channel, "_command", b""))
+            self._refuse(
+                getattr(self.channel, "_path", b""), getattr(self.channel, "_command", b""), self._received
+            )
             return
         super().handleContentChunk(data)
 
@@ -147,21 +150,21 @@ class GatewayRequest(Request):
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self, path: bytes, command: bytes) -> None:
+    def _refuse(self, path: bytes, command: bytes, size: int) -> None:
         """
         Answer 413 at once and close the connection; the body is not read.
         """
+        assert self._route is not None
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
-        body = _json_error("request body too large")
+        body = _json_error(too_large_message(size, self._route.conf["max_req_body_size"]))
         transport = self.channel.transport
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
         )
         transport.loseConnection()
-        route_id = self._route.id if self._route is not None else None
-        log_access(_rejection_record(command, path, 413, route_id, "request_too_large"))
+        log_access(_rejection_record(command, path, 413, self._route.id, "request_too_large"))
 
 
 class GatewaySite(Site):
