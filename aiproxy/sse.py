@@ -116,7 +116,11 @@ def _parse_lines(lines: list[bytes]) -> SSEEvent | None:
         elif name == b"id":
             event_id = value.decode("utf-8", "replace")
         elif name == b"retry" and value.isdigit():
-            retry = int(value)
+            try:
+                retry = int(value)
+            except ValueError:
+                # More digits than int() converts: not a usable delay either.
+                pass
     if not has_field:
         return None
     return SSEEvent(_LF.join(data), event, event_id, retry)
@@ -232,27 +236,30 @@ class SSEDecoder:
         @return: The events this chunk completes, in stream order.
         """
         parts = self._parts
-        # The end of the last boundary in the chunk: every complete event
-        # lies before it.
-        end = chunk.rfind(_LFLF) + 2
-        if _CR_BYTE in chunk:
-            crlf_end = chunk.rfind(_CRLFCRLF) + 4
-            if crlf_end > end and crlf_end > 3:
-                end = crlf_end
-        if end < 2:
-            end = 0
-            if parts and chunk[:1] in _CRLF:
-                # A boundary across the junction starts the chunk and ends in
-                # its first three bytes.
-                tail = b"".join(parts[-3:])[-3:]
-                end = _last_boundary_end(tail + chunk[:3]) - len(tail)
-            if end <= 0:
-                if chunk:
-                    parts.append(chunk)
-                    self._pending += len(chunk)
-                    if self._pending > self._limit:
-                        self._drop()
-                return []
+        # Every boundary ends with a line feed; without one the chunk only
+        # adds to the carried bytes.
+        end = 0
+        if _LF_BYTE in chunk:
+            # The end of the last boundary: every complete event lies before it.
+            end = chunk.rfind(_LFLF) + 2
+            if _CR_BYTE in chunk:
+                crlf_end = chunk.rfind(_CRLFCRLF) + 4
+                if crlf_end > end and crlf_end > 3:
+                    end = crlf_end
+            if end < 2:
+                end = 0
+                if parts and chunk[:1] in _CRLF:
+                    # A boundary across the junction starts the chunk and
+                    # ends in its first three bytes.
+                    tail = b"".join(parts[-3:])[-3:]
+                    end = _last_boundary_end(tail + chunk[:3]) - len(tail)
+        if end <= 0:
+            if chunk:
+                parts.append(chunk)
+                self._pending += len(chunk)
+                if self._pending > self._limit:
+                    self._drop()
+            return []
 
         if parts:
             parts.append(chunk[:end])

@@ -23,9 +23,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+from openai._streaming import ServerSentEvent, _SSELineDecoder
+from openai._streaming import SSEDecoder as OpenAIDecoder
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiproxy.sse import SSEDecoder  # noqa: E402
+from aiproxy.sse import SSEDecoder, SSEEvent  # noqa: E402
 
 __all__ = ["build_corpus", "main", "split_chunks"]
 
@@ -116,38 +119,35 @@ def split_chunks(stream: bytes, max_chunk: int, seed: int) -> list[bytes]:
     return chunks
 
 
-def run_aiproxy(chunks: Sequence[bytes]) -> list[bytes]:
+def decode_aiproxy(chunks: Sequence[bytes]) -> list[SSEEvent]:
     """
     Decode with aiproxy's L{SSEDecoder}.
 
     @param chunks: The stream's chunks.
-    @return: The data of every event.
+    @return: The events.
     """
     decoder = SSEDecoder()
     events = []
     for chunk in chunks:
         events += decoder.feed(chunk)
     events += decoder.close()
-    return [event.data for event in events]
+    return events
 
 
-def run_openai(chunks: Sequence[bytes]) -> list[bytes]:
+def decode_openai(chunks: Sequence[bytes]) -> list[ServerSentEvent]:
     """
     Decode with the openai SDK's decoder, driven as its own stream reader does.
 
     @param chunks: The stream's chunks.
-    @return: The data of every event, encoded as UTF-8.
+    @return: The events.
     """
-    from openai._streaming import SSEDecoder as OpenAIDecoder
-    from openai._streaming import _SSELineDecoder
-
     lines = _SSELineDecoder()
     decoder = OpenAIDecoder()
     events = []
     for chunk in chunks:
         events += list(decoder._decode_lines(lines.feed(chunk)))
     events += list(decoder._decode_lines(lines.finish()))
-    return [event.data.encode() for event in events]
+    return events
 
 
 def run_json(payloads: Sequence[bytes]) -> None:
@@ -202,14 +202,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"1..{args.max_chunk} B, seed {args.seed}, median CPU time of {args.runs} runs"
     )
 
-    runs: list[tuple[str, Callable[[], object]]] = [
-        ("aiproxy.sse.SSEDecoder", partial(run_aiproxy, chunks)),
-        ("openai SSEDecoder", partial(run_openai, chunks)),
-    ]
-    wrong = [name for name, run in runs if run() != expected]
+    wrong = []
+    if [event.data for event in decode_aiproxy(chunks)] != expected:
+        wrong.append("aiproxy")
+    if [event.data.encode() for event in decode_openai(chunks)] != expected:
+        wrong.append("openai")
     if wrong:
         print(f"wrong events from: {', '.join(wrong)}", file=sys.stderr)
         return 1
+    runs: list[tuple[str, Callable[[], object]]] = [
+        ("aiproxy.sse.SSEDecoder", partial(decode_aiproxy, chunks)),
+        ("openai SSEDecoder", partial(decode_openai, chunks)),
+    ]
     runs.append(("json.loads per event (reference)", partial(run_json, expected[:-1])))
     rows = [(name, cpu_time(run, args.runs)) for name, run in runs]
 

@@ -71,7 +71,10 @@ def naive_parse(block: bytes) -> SSEEvent | None:
         elif name == b"id":
             event.id = value.decode("utf-8", "replace")
         elif name == b"retry" and value and all(48 <= byte <= 57 for byte in value):
-            event.retry = int(value)
+            try:
+                event.retry = int(value)
+            except ValueError:
+                pass
     return event
 
 
@@ -218,6 +221,10 @@ _CASES: dict[str, tuple[bytes, list[SSEEvent]]] = {
     "invalid retry ignored": (
         b"retry: 1.5\ndata: a\n\nretry: -1\ndata: b\n\nretry: 12x\nretry: 40\ndata: c\n\n",
         [SSEEvent(b"a"), SSEEvent(b"b"), SSEEvent(b"c", retry=40)],
+    ),
+    "retry beyond int conversion ignored": (
+        b"retry: 5\nretry: " + b"9" * 5000 + b"\n\n",
+        [SSEEvent(b"", retry=5)],
     ),
     "event without data": (b"event: ping\n\n", [SSEEvent(b"", "ping")]),
     "unknown field is a field": (b"foo: bar\n\n", [SSEEvent(b"")]),
