@@ -285,6 +285,7 @@ class Exchange:
         body = b"".join(self._body_parts)
         self._body_parts = []
         context = self.context
+        context.ttft_ms = _ms(self.clock.seconds() - context.started)
         if self._response_status < 400:
             if context.protocol is not None:
                 self._observer = observer_for(context.protocol)

@@ -15,7 +15,7 @@ from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
@@ -100,6 +100,22 @@ def tls_policy(conf: Mapping[str, Any]) -> IPolicyForHTTPS:
     return BrowserLikePolicyForHTTPS()
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    """
+    Upstream connection factory that does not log every new connection.
+    """
+
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    """
+    A connection pool whose new connections are not logged one by one.
+    """
+
+    _factory = _QuietFactory
+
+
 class UpstreamClient:
     """
     Sends requests upstream for one route over its own connection pool.
@@ -113,7 +129,7 @@ class UpstreamClient:
         """
         self._reactor = reactor
         self._timeout = conf["timeout"] / 1000.0
-        self.pool = HTTPConnectionPool(reactor, persistent=conf["keepalive"])
+        self.pool = _QuietPool(reactor, persistent=conf["keepalive"])
         self.pool.maxPersistentPerHost = conf["keepalive_pool"]
         self.pool.cachedConnectionTimeout = conf["keepalive_timeout"] / 1000.0
         self.pool.retryAutomatically = False
