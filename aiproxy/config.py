@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from aiproxy.schema import format_path, load_schema, schema_errors
+from aiproxy.schema import Problem, format_path, load_schema, path_key, schema_problems
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -86,16 +86,21 @@ def _yaml_reason(error: yaml.YAMLError) -> str:
     A one-line description of a YAML syntax error.
     """
     mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or [""])[0]
+    problem = _one_line(problem)
     if mark is None:
         return problem
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
-def _substitute(node: Any, environ: Mapping[str, str], path: list[str | int], problems: list[str]) -> Any:
+def _substitute(
+    node: Any, environ: Mapping[str, str], path: list[str | int], problems: list[Problem]
+) -> Any:
     """
     Replace C{${VAR}} (or C{${VAR:-default}}) in every string of a parsed
     YAML document.
+
+    @param problems: a problem is appended per unset variable.
     """
     if isinstance(node, str):
 
@@ -104,7 +109,7 @@ def _substitute(node: Any, environ: Mapping[str, str], path: list[str | int], pr
             if name not in environ:
                 if default is not None:
                     return default
-                problems.append(f"{format_path(path)}: environment variable {name} is not set")
+                problems.append((path, f"environment variable {name} is not set"))
                 return ""
             return environ[name]
 
@@ -112,15 +117,20 @@ def _substitute(node: Any, environ: Mapping[str, str], path: list[str | int], pr
     if isinstance(node, list):
         return [_substitute(item, environ, path + [i], problems) for i, item in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _substitute(v, environ, path + [k], problems) for k, v in node.items()}
+        return {k: _substitute(v, environ, path + [str(k)], problems) for k, v in node.items()}
     return node
 
 
 def _route_problems(
-    index: int, route: dict, plugin_schemas: Mapping[str, Mapping[str, Any]]
-) -> Iterator[str]:
+    index: int,
+    route: dict,
+    plugin_schemas: Mapping[str, Mapping[str, Any]],
+    skip: list[list[str | int]],
+) -> Iterator[Problem]:
     """
     Validate one route's C{plugins} map against each named plugin's schema.
+
+    @param skip: paths already reported.
     """
     plugins = route.get("plugins")
     prefix: list[str | int] = ["routes", index, "plugins"]
@@ -128,24 +138,29 @@ def _route_problems(
         return
     proxies = [name for name in PROXY_PLUGINS if name in plugins]
     if len(proxies) != 1:
-        yield f"{format_path(prefix)}: exactly one of 'ai-proxy' or 'ai-proxy-multi' is required"
+        yield prefix, "exactly one of 'ai-proxy' or 'ai-proxy-multi' is required"
     for name, conf in plugins.items():
         schema = plugin_schemas.get(name)
         if schema is None:
-            yield f"{format_path(prefix + [name])}: unknown plugin '{name}'"
+            yield prefix + [str(name)], f"unknown plugin {name!r}"
             continue
         if conf is None:
             conf = plugins[name] = {}
-        yield from schema_errors(conf, schema, prefix + [name])
-    if "ai-proxy-multi" in plugins and isinstance(plugins["ai-proxy-multi"], dict):
-        instances = plugins["ai-proxy-multi"].get("instances") or []
-        names = [i.get("name") for i in instances if isinstance(i, dict)]
-        for position, name in enumerate(names):
-            if name is not None and name in names[:position]:
+        yield from schema_problems(conf, schema, prefix + [name], skip)
+    multi = plugins.get("ai-proxy-multi")
+    instances = multi.get("instances") if isinstance(multi, dict) else None
+    if isinstance(instances, list):
+        seen: list[Any] = []
+        for position, instance in enumerate(instances):
+            name = instance.get("name") if isinstance(instance, dict) else None
+            if name is None:
+                continue
+            if name in seen:
                 yield (
-                    f"{format_path(prefix + ['ai-proxy-multi', 'instances', position, 'name'])}: "
-                    f"duplicate instance name '{name}'"
+                    prefix + ["ai-proxy-multi", "instances", position, "name"],
+                    f"duplicate instance name {name!r}",
                 )
+            seen.append(name)
 
 
 def _build_route(index: int, route: dict) -> RouteConfig:
@@ -201,23 +216,55 @@ def parse_config(
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"(root): invalid YAML: {_yaml_reason(e)}"]) from None
+    except (ValueError, OverflowError) as e:
+        # An out-of-range value the resolver recognised, e.g. 2001-13-45.
+        raise ConfigError([f"(root): invalid YAML: {_one_line(str(e))}"]) from None
+    except RecursionError:
+        raise ConfigError(["(root): invalid YAML: nested too deeply"]) from None
     if document is None:
         document = {}
-    problems: list[str] = []
+    try:
+        return _validate(document, environ, plugin_schemas, source)
+    except RecursionError:
+        raise ConfigError(["(root): the document is nested too deeply"]) from None
+
+
+def _one_line(text: str) -> str:
+    """
+    C{text} on one line (a problem is always exactly one line).
+    """
+    return " ".join(text.split()) or "unknown error"
+
+
+def _validate(
+    document: Any,
+    environ: Mapping[str, str],
+    plugin_schemas: Mapping[str, Mapping[str, Any]],
+    source: str | None,
+) -> Config:
+    """
+    Substitute variables in a parsed document, validate it and build the
+    L{Config}.
+
+    @raise ConfigError: with every problem found.
+    """
+    problems: list[Problem] = []
     document = _substitute(document, environ, [], problems)
-    problems.extend(schema_errors(document, load_schema("config")))
+    unset = [path for path, _ in problems]
+    problems.extend(schema_problems(document, load_schema("config"), skip=unset))
     routes = document.get("routes") if isinstance(document, dict) else None
     if isinstance(routes, list):
         ids = []
         for index, route in enumerate(routes):
             if isinstance(route, dict):
-                problems.extend(_route_problems(index, route, plugin_schemas))
+                problems.extend(_route_problems(index, route, plugin_schemas, unset))
                 route_id = route.get("id", f"route-{index}")
                 if route_id in ids:
-                    problems.append(f"{format_path(['routes', index, 'id'])}: duplicate route id '{route_id}'")
+                    problems.append((["routes", index, "id"], f"duplicate route id {route_id!r}"))
                 ids.append(route_id)
     if problems:
-        raise ConfigError(problems)
+        problems.sort(key=lambda problem: path_key(problem[0]))
+        raise ConfigError([f"{format_path(path)}: {message}" for path, message in problems])
     listen = document["listen"]
     return Config(
         listen=(listen,) if isinstance(listen, str) else tuple(listen),

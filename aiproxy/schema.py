@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from importlib import resources
@@ -20,7 +21,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-__all__ = ["format_path", "load_schema", "schema_errors"]
+__all__ = ["format_path", "load_schema", "path_key", "schema_errors", "schema_problems"]
 
 _SCHEMA_FILES = ("config", "ai-proxy", "ai-proxy-multi")
 
@@ -95,21 +96,41 @@ def load_schema(name: str) -> dict:
     return _inline(documents[doc_id], documents, doc_id)
 
 
+#: Object keys written bare in a path; any other key is written C{["..."]}.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_$-]+")
+
+
 def format_path(parts: Iterable[str | int]) -> str:
     """
     Render a JSON path the way config errors name fields:
-    C{routes[0].plugins.ai-proxy.timeout}.
+    C{routes[0].plugins.ai-proxy.timeout}. A key that is empty or holds
+    anything but letters, digits, C{_}, C{-} and C{$} is written as a
+    quoted index (C{auth.header["x.y"]}), so a path is always one line and
+    never ambiguous.
     """
     out = ""
     for part in parts:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
+        elif isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
         else:
-            out += f".{part}" if out else str(part)
+            out += f"[{json.dumps(str(part))}]"
     return out or "(root)"
 
 
-def _problems(error: ValidationError) -> Iterator[tuple[list[str | int], str]]:
+Problem = tuple[list[str | int], str]
+
+
+def path_key(path: Iterable[str | int]) -> tuple[tuple[int, int | str], ...]:
+    """
+    A sort key putting paths in document order: C{routes[2]} before
+    C{routes[10]}.
+    """
+    return tuple((0, part) if isinstance(part, int) else (1, str(part)) for part in path)
+
+
+def _problems(error: ValidationError) -> Iterator[Problem]:
     """
     The path(s) and reason of one validation error. A missing or unexpected
     property is reported at its own path rather than its parent's; a schema's
@@ -125,10 +146,55 @@ def _problems(error: ValidationError) -> Iterator[tuple[list[str | int], str]]:
         known = schema.get("properties", {})
         patterns = schema.get("patternProperties", {})
         extras = [name for name in error.instance if name not in known and not patterns]
-        for name in extras or [""]:
-            yield path + [name] if name else path, f"unknown key '{name}'" if name else error.message
+        for name in extras:
+            yield path + [str(name)], f"unknown key {str(name)!r}"
+        if not extras:
+            yield path, error.message
+    elif list(error.relative_schema_path)[-2:-1] == ["propertyNames"]:
+        # A key outside the allowed names: reported at the key itself.
+        yield path + [str(error.instance)], f"unknown key {str(error.instance)!r}"
     else:
         yield path, error.message
+
+
+def _under(path: list[str | int], roots: Iterable[list[str | int]]) -> bool:
+    """
+    Whether C{path} is one of C{roots} or inside one of them.
+    """
+    return any(path[: len(root)] == root for root in roots)
+
+
+def schema_problems(
+    instance: Any,
+    schema: Mapping[str, Any],
+    prefix: Iterable[str | int] = (),
+    skip: Iterable[list[str | int]] = (),
+) -> list[Problem]:
+    """
+    Validate C{instance} against C{schema}, filling in defaults.
+
+    @param prefix: the path of C{instance} inside the whole config file.
+    @param skip: paths already reported (e.g. an unset variable): problems
+        at or inside them would only repeat the first one.
+    @return: C{(path, reason)} per problem, in document order. Nothing is
+        reported inside an unknown key (its value was not expected at all).
+    """
+    prefix = list(prefix)
+    validator = DefaultFillingValidator(schema)
+    problems = [
+        (prefix + path, message)
+        for error in validator.iter_errors(instance)
+        for path, message in _problems(error)
+    ]
+    unknown = [path for path, message in problems if message.startswith("unknown key ")]
+    skip = list(skip)
+    problems = [
+        (path, message)
+        for path, message in problems
+        if not _under(path, skip)
+        and not (_under(path, unknown) and not message.startswith("unknown key "))
+    ]
+    return sorted(problems, key=lambda problem: path_key(problem[0]))
 
 
 def schema_errors(
@@ -136,14 +202,9 @@ def schema_errors(
 ) -> Iterator[str]:
     """
     Validate C{instance} against C{schema}, filling in defaults, and yield
-    one C{"<json path>: <reason>"} line per problem.
+    one C{"<json path>: <reason>"} line per problem, in document order.
 
     @param prefix: the path of C{instance} inside the whole config file.
     """
-    prefix = list(prefix)
-    validator = DefaultFillingValidator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
-    for error in errors:
-        for path, message in _problems(error):
-            yield f"{format_path(prefix + path)}: {message}"
-
+    for path, message in schema_problems(instance, schema, prefix):
+        yield f"{format_path(path)}: {message}"
