@@ -7,10 +7,12 @@ config load.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import crypto
 from twisted.internet.defer import Deferred, gatherResults
 
 from aiproxy.config import Config, ConfigError, RouteConfig
@@ -46,7 +48,8 @@ class Route:
 class RouteTable:
     """
     Finds the route of a request path: exact paths first, then the longest
-    C{/*} prefix; among equals, the first route in the file.
+    prefix (a path ending in C{*}, as C{/v1/*} or C{/v1*}); among equals,
+    the first route in the file.
     """
 
     def __init__(self, routes: Iterable[Route]) -> None:
@@ -55,7 +58,7 @@ class RouteTable:
         prefixes: list[tuple[str, int, Route]] = []
         for order, route in enumerate(self.routes):
             for uri in route.uris:
-                if uri.endswith("/*"):
+                if uri.endswith("*"):
                     prefixes.append((uri[:-1], order, route))
                 else:
                     self._exact.setdefault(uri, []).append(route)
@@ -82,21 +85,42 @@ class RouteTable:
 
 
 def _configure_plugins(
-    route: RouteConfig, plugins: Mapping[str, IFilterPlugin]
+    route: RouteConfig, plugins: Mapping[str, IFilterPlugin], path: list[str | int]
 ) -> tuple[list[IRequestFilter], list[IBodyFilterFactory]]:
     """
-    Configure a route's filter plugins, highest priority first.
+    Configure a route's filter plugins, highest priority first (file order
+    among equals).
+
+    @param path: the route's C{plugins} path, for messages.
+    @raise ConfigError: for a plugin that is not installed, or whose
+        C{configure} refused its config with L{ValueError} or L{re.error}.
     """
     request_filters: list[IRequestFilter] = []
     body_filters: list[IBodyFilterFactory] = []
+    unknown = [name for name in route.plugins if name not in plugins]
+    if unknown:
+        raise ConfigError(
+            [f"{format_path(path + [name])}: unknown plugin {name!r}" for name in unknown]
+        )
     ordered = sorted(route.plugins.items(), key=lambda item: -plugins[item[0]].priority)
     for name, conf in ordered:
-        configured = plugins[name].configure(dict(conf))
+        try:
+            configured = plugins[name].configure(dict(conf))
+        except (ValueError, re.error) as e:
+            # A config the schema allows but the plugin cannot use (a bad regex).
+            raise ConfigError([f"{format_path(path + [name])}: {_one_line(e)}"]) from None
         if IRequestFilter.providedBy(configured):
             request_filters.append(configured)
         if IBodyFilterFactory.providedBy(configured):
             body_filters.append(configured)
     return request_filters, body_filters
+
+
+def _one_line(error: Exception) -> str:
+    """
+    The message of C{error} on one line.
+    """
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[str, IFilterPlugin]) -> Route:
@@ -121,8 +145,12 @@ def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[
     try:
         client = UpstreamClient(reactor, conf)
     except (OSError, ValueError) as e:
-        raise ConfigError([f"{format_path(path + ['ssl_ca_file'])}: {e}"]) from None
-    request_filters, body_filters = _configure_plugins(route, plugins)
+        raise ConfigError([f"{format_path(path + ['ssl_ca_file'])}: {_one_line(e)}"]) from None
+    except crypto.Error:
+        raise ConfigError(
+            [f"{format_path(path + ['ssl_ca_file'])}: {conf['ssl_ca_file']} holds an invalid certificate"]
+        ) from None
+    request_filters, body_filters = _configure_plugins(route, plugins, path[:-1])
     return Route(
         id=route.id,
         uris=route.uris,
