@@ -238,7 +238,9 @@ class Exchange:
         Collect a non-streamed response, within C{max_response_bytes}.
         """
         limit = self.conf.get("max_response_bytes")
-        if limit is not None and response.length is not None and response.length > limit:
+        # A body without Content-Length has the length UNKNOWN_LENGTH, a str.
+        length = response.length if isinstance(response.length, int) else None
+        if limit is not None and length is not None and length > limit:
             response.deliverBody(_Discard())
             self._fail("max_response_bytes", 502, "max_response_bytes exceeded")
             return
