@@ -17,12 +17,13 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from aiproxy.accesslog import log_access
 from aiproxy.context import ExchangeContext
@@ -72,6 +73,34 @@ class _BodyReceiver(Protocol):
         self._on_end(reason)
 
 
+@implementer(IPushProducer)
+class _Pacer:
+    """
+    The upstream body transport as the producer of the client's connection:
+    a full client socket pauses the upstream read. The exchange sees whether
+    it is paused, as a paused upstream is not a silent one.
+    """
+
+    __slots__ = ("_transport", "_on_resume", "paused")
+
+    def __init__(self, transport: Any, on_resume: Any) -> None:
+        self._transport = transport
+        self._on_resume = on_resume
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._on_resume()
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
+
+
 class _Discard(Protocol):
     """
     Receives an upstream body nobody wants: stops the transfer at once.
@@ -98,6 +127,7 @@ class Exchange:
         self.context = ExchangeContext(route.id, route.target.name, clock.seconds())
         self._upstream_d: Any = None
         self._body_transport: Any = None
+        self._pacer: _Pacer | None = None
         self._timers: dict[str, IDelayedCall] = {}
         self._response_status = 200
         self._response_headers: list[tuple[bytes, list[bytes]]] = []
@@ -255,9 +285,17 @@ class Exchange:
             transport.stopProducing()
             return
         self._body_transport = transport
-        self.request.registerProducer(transport, True)
+        self._pacer = _Pacer(transport, self._client_resumed)
+        self.request.registerProducer(self._pacer, True)
         self._last_chunk = self.clock.seconds()
         self._arm("read", self.conf["timeout"] / 1000.0, self._read_timer)
+
+    def _client_resumed(self) -> None:
+        """
+        The client's connection drained: the upstream read starts again, with
+        a whole C{timeout} ahead of it.
+        """
+        self._last_chunk = self.clock.seconds()
 
     def _buffered_chunk(self, data: bytes) -> None:
         """
@@ -610,9 +648,14 @@ class Exchange:
     def _read_timer(self) -> None:
         """
         C{timeout} per read: no upstream chunk for that long ends the
-        response (504 before output, an error event after).
+        response (504 before output, an error event after). Time during
+        which the client's connection paused the read does not count.
         """
         timeout = self.conf["timeout"] / 1000.0
+        if self._pacer is not None and self._pacer.paused:
+            # The client paused the read: the upstream is not silent.
+            self._arm("read", timeout, self._read_timer)
+            return
         idle = self.clock.seconds() - self._last_chunk
         if idle < timeout:
             self._arm("read", timeout - idle, self._read_timer)
