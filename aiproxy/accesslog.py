@@ -21,10 +21,11 @@ __all__ = ["ACCESS_NAMESPACE", "log_access"]
 ACCESS_NAMESPACE = "aiproxy.access"
 
 _log = Logger(namespace=ACCESS_NAMESPACE)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def log_access(record: Mapping[str, Any]) -> None:
     """
     Emit one access record (figures and names only, never credentials).
     """
-    _log.info("{access_json}", access_json=json.dumps(record, separators=(",", ":")), access_record=record)
+    _log.info("{access_json}", access_json=_encode(record), access_record=record)

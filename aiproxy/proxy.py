@@ -16,7 +16,12 @@ import json
 from typing import Any
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -32,13 +37,12 @@ from aiproxy.filters import BodyFilterChain, Reject, Terminate, open_chain
 from aiproxy.protocols import PASSTHROUGH, error_event, observer_for
 from aiproxy.request import (
     ClientError,
-    too_large_message,
     apply_body_overrides,
     check_content_type,
     detect,
     parse_body,
+    too_large_message,
     upstream_headers,
-    upstream_url,
 )
 from aiproxy.routes import Route
 from aiproxy.sse import SSEDecoder
@@ -211,7 +215,7 @@ class Exchange:
         if changed:
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         query = request.uri.partition(b"?")[2].decode("latin-1")
-        url = upstream_url(target, protocol, context.path, query)
+        url = route.upstream_url(protocol, context.path, query)
         headers = upstream_headers(request.requestHeaders.getAllRawHeaders(), self.conf["auth"])
         method = context.method if protocol == PASSTHROUGH else "POST"
         return method, url, headers, raw
@@ -318,7 +322,7 @@ class Exchange:
         if self._ended:
             return
         self._body_transport = None
-        if not reason.check(ResponseDone, PotentialDataLoss):
+        if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream response body failed: {error}", error=reason.getErrorMessage())
             self._fail("upstream_error", 502, "upstream closed the connection before the response was complete")
             return
@@ -397,7 +401,8 @@ class Exchange:
         self._body_transport = None
         context = self.context
         self._decoder.close()
-        clean = reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and context.done)
+        ended = reason.value
+        clean = isinstance(ended, ResponseDone) or (isinstance(ended, PotentialDataLoss) and context.done)
         if not clean:
             log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
             self._cut("upstream_error", 502, "upstream closed the connection before the response was complete")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import crypto
@@ -17,8 +17,9 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from aiproxy.config import Config, ConfigError, RouteConfig
 from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin, IRequestFilter
+from aiproxy.protocols import PASSTHROUGH
 from aiproxy.providers import UnsupportedProvider, get_provider
-from aiproxy.request import Target
+from aiproxy.request import Target, upstream_url
 from aiproxy.schema import format_path
 from aiproxy.upstream import UpstreamClient
 
@@ -43,6 +44,19 @@ class Route:
     client: UpstreamClient
     request_filters: Sequence[IRequestFilter] = ()
     body_filters: Sequence[IBodyFilterFactory] = ()
+    _urls: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def upstream_url(self, protocol: str, client_path: str, client_query: str) -> str:
+        """
+        The upstream URL of a request (see L{aiproxy.request.upstream_url});
+        computed once per protocol unless it depends on the client's path.
+        """
+        if protocol == PASSTHROUGH:
+            return upstream_url(self.target, protocol, client_path, client_query)
+        url = self._urls.get(protocol)
+        if url is None:
+            url = self._urls[protocol] = upstream_url(self.target, protocol, client_path, client_query)
+        return url
 
 
 class RouteTable:
