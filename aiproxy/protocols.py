@@ -45,13 +45,15 @@ def detect_protocol(path: str, body: Mapping[str, Any]) -> str | None:
     """
     if not body:
         return None
-    if (path.endswith("/converse") or path.endswith("/converse-stream")) and "messages" in body:
+    # As in APISIX, "messages" counts only when it is a JSON array or object.
+    messages = isinstance(body.get("messages"), (list, dict))
+    if (path.endswith("/converse") or path.endswith("/converse-stream")) and messages:
         return BEDROCK_CONVERSE
     if path.endswith("/v1/messages"):
         return ANTHROPIC_MESSAGES
     if path.endswith("/v1/responses") and "input" in body:
         return OPENAI_RESPONSES
-    if "messages" in body:
+    if messages:
         return OPENAI_CHAT
     if "input" in body:
         return OPENAI_EMBEDDINGS

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -118,21 +120,65 @@ def check_content_type(content_type: bytes | None) -> None:
         raise ClientError(400, f"unsupported content-type: {value}, only application/json is supported")
 
 
+#: A C{\\uD800}-C{\\uDFFF} escape: the body may hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _reject_constant(name: str) -> Any:
+    """
+    Refuse C{NaN}, C{Infinity} and C{-Infinity}: Python accepts them, JSON
+    does not, and the body may be serialised again for upstream.
+    """
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+def _parse_float(text: str) -> float:
+    """
+    A JSON number that is not an integer; refuse one too large for a float
+    (it would be serialised again as C{Infinity}).
+    """
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     """
     Parse the client's JSON body.
 
-    @raise ClientError: 400 for an empty, invalid or non-object body.
+    @raise ClientError: 400 for an empty, invalid or non-object body, or one
+        that could not be serialised again as JSON (C{NaN}, a number out of
+        range, a lone surrogate, nesting beyond Python's recursion limit).
     """
     if not raw.strip():
         raise ClientError(400, "could not get body: request body is empty")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_parse_float)
+        if _SURROGATE_ESCAPE.search(raw):
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except ValueError as e:  # also JSONDecodeError and UnicodeError
         raise ClientError(400, f"could not parse JSON request body: {e}") from None
+    except RecursionError:
+        raise ClientError(400, "could not parse JSON request body: nested too deeply") from None
     if not isinstance(body, dict):
         raise ClientError(400, "could not parse JSON request body: expected a JSON object")
     return body
+
+
+def _same(a: Any, b: Any) -> bool:
+    """
+    Whether two JSON values are equal, types included (Python's C{==}
+    holds C{1 == 1.0 == True}, which would leave a client's C{1} in place of
+    a configured C{true}).
+    """
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
 
 
 def deep_merge(target: dict[str, Any], patch: Mapping[str, Any], force: bool) -> bool:
@@ -148,7 +194,7 @@ def deep_merge(target: dict[str, Any], patch: Mapping[str, Any], force: bool) ->
         current = target.get(key, _MISSING)
         if isinstance(value, dict) and isinstance(current, dict):
             changed = deep_merge(current, value, force) or changed
-        elif (current is _MISSING or force) and current != value:
+        elif (current is _MISSING or force) and not _same(current, value):
             target[key] = copy.deepcopy(value)
             changed = True
     return changed
@@ -166,7 +212,7 @@ def _set(body: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
         if not isinstance(child, dict):
             child = body[name] = {}
         body = child
-    if body.get(leaf, _MISSING) == value:
+    if _same(body.get(leaf, _MISSING), value):
         return False
     body[leaf] = copy.deepcopy(value)
     return True
@@ -207,11 +253,12 @@ def upstream_url(
 ) -> str:
     """
     The upstream URL: C{override.endpoint} (its path verbatim when it has
-    one, else the provider's default path), else the provider's default
-    host and path. The query is C{auth.query} with the endpoint's own
-    parameters over it (as APISIX merges them). Passthrough keeps the
-    client's path and query on the upstream host; the client cannot
-    override C{auth.query} parameters.
+    one, even C{/}, else the provider's default path), else the provider's
+    default host and path. The query is C{auth.query} with the endpoint's
+    own parameters over it (as APISIX merges them); the client's query is
+    not forwarded. Passthrough keeps the client's path, and its query goes
+    over the endpoint's; the client cannot override C{auth.query}
+    parameters.
     """
     conf = target.conf
     endpoint = (conf.get("override") or {}).get("endpoint")
@@ -219,24 +266,28 @@ def upstream_url(
     if base is None:
         raise ClientError(500, f"provider {target.provider.name} needs override.endpoint")
     scheme, netloc, path, query, _ = urlsplit(base)
+    params = parse_qsl(query, keep_blank_values=True)
     if protocol == PASSTHROUGH:
-        path, query = client_path, client_query
-    elif not endpoint or path in ("", "/"):
+        path = client_path
+        given = parse_qsl(client_query, keep_blank_values=True)
+        names = {k for k, _ in given}
+        params = [(k, v) for k, v in params if k not in names] + given
+    elif not endpoint or not path:
         path = target.provider.paths[protocol]
     auth_query = (conf.get("auth") or {}).get("query") or {}
-    params = parse_qsl(query, keep_blank_values=True)
     if auth_query:
         if protocol == PASSTHROUGH:
             params = [(k, v) for k, v in params if k not in auth_query] + list(auth_query.items())
         else:
-            given = {k for k, _ in params}
-            params = [(k, v) for k, v in auth_query.items() if k not in given] + params
+            given_names = {k for k, _ in params}
+            params = [(k, v) for k, v in auth_query.items() if k not in given_names] + params
     return urlunsplit((scheme, netloc, path, urlencode(params), ""))
 
 
 def upstream_headers(client_headers: Iterable[tuple[bytes, list[bytes]]], auth: Mapping[str, Any]) -> Headers:
     """
-    The upstream request headers: the client's minus hop-by-hop, C{host},
+    The upstream request headers: the client's minus hop-by-hop (also
+    those its C{Connection} header names), C{host},
     C{content-length} and C{accept-encoding}, minus its credentials when
     the route supplies its own; then C{auth.header} (always winning) and
     C{content-type: application/json}.
@@ -244,10 +295,19 @@ def upstream_headers(client_headers: Iterable[tuple[bytes, list[bytes]]], auth: 
     auth_headers: Mapping[str, str] = auth.get("header") or {}
     own_credentials = bool(auth_headers or auth.get("query"))
     replaced = {name.lower().encode("latin-1") for name in auth_headers}
+    client_headers = list(client_headers)
+    # Headers the client names in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    listed = {
+        token.strip().lower()
+        for name, values in client_headers
+        if name.lower() == b"connection"
+        for value in values
+        for token in value.split(b",")
+    }
     headers = Headers()
     for name, values in client_headers:
         lower = name.lower()
-        if lower in _DROPPED or lower in replaced:
+        if lower in _DROPPED or lower in replaced or lower in listed:
             continue
         if own_credentials and lower in _CLIENT_CREDENTIALS:
             continue
