@@ -10,7 +10,7 @@ chain for the rest of the response.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory
@@ -70,56 +70,70 @@ class BodyFilterChain:
         Run one chunk through every filter.
 
         @return: the bytes to send, or the L{Terminate} that ended the chain.
+        @raise TypeError: if a filter returned something else than L{None},
+            L{Replace} or L{Terminate}.
         """
         if self.terminated:
             return b""
-        for body_filter in self._filters:
-            result = body_filter.filter_chunk(chunk, context)
-            if result is None:
-                continue
-            if isinstance(result, Replace):
-                chunk = result.data
-            else:
-                self.terminated = True
-                return result
-        return chunk
+        return self._through(chunk, 0, context)
 
     def finish(self, context: Any) -> bytes | Terminate:
         """
         The final call of every filter at the end of the response; bytes
         returned by a filter pass through the filters after it.
 
-        @return: the bytes to send last, or a L{Terminate}.
+        @return: the bytes to send last, or a L{Terminate}. When output has
+            already started, the L{Terminate}'s data is preceded by the
+            bytes that earlier filters' final calls produced and the
+            terminating filter let pass; otherwise the L{Terminate} replaces
+            the whole response and those bytes are dropped with it.
+        @raise TypeError: if a filter returned something else than L{None},
+            L{Replace} or L{Terminate}.
         """
         if self.terminated:
             return b""
         tail = b""
         for position, body_filter in enumerate(self._filters):
-            result = body_filter.finish(context)
+            result = _checked(body_filter, body_filter.finish(context))
+            if isinstance(result, Replace) and result.data:
+                result = self._through(result.data, position + 1, context)
+                if not isinstance(result, Terminate):
+                    tail += result
+                    continue
             if isinstance(result, Terminate):
                 self.terminated = True
+                if tail and getattr(context, "output_started", True):
+                    return replace(result, data=tail + result.data)
                 return result
-            if isinstance(result, Replace) and result.data:
-                extra = self._through(result.data, position + 1, context)
-                if isinstance(extra, Terminate):
-                    return extra
-                tail += extra
         return tail
 
     def _through(self, chunk: bytes, start: int, context: Any) -> bytes | Terminate:
         """
         Run C{chunk} through the filters from position C{start} on.
         """
-        for body_filter in self._filters[start:]:
+        for body_filter in self._filters[start:] if start else self._filters:
             result = body_filter.filter_chunk(chunk, context)
             if result is None:
                 continue
             if isinstance(result, Replace):
                 chunk = result.data
-            else:
+            elif isinstance(result, Terminate):
                 self.terminated = True
                 return result
+            else:
+                _checked(body_filter, result)
         return chunk
+
+
+def _checked(body_filter: IBodyFilter, result: object) -> Replace | Terminate | None:
+    """
+    C{result} if it is a filter result, else L{TypeError} naming the filter
+    (returning bare bytes instead of a L{Replace} is an easy mistake, and
+    would otherwise end the response quietly).
+    """
+    if result is None or isinstance(result, (Replace, Terminate)):
+        return result
+    raise TypeError(f"{body_filter!r} returned {result!r}, not None, Replace or Terminate")
 
 
 def open_chain(factories: Iterable[IBodyFilterFactory], context: Any) -> BodyFilterChain | None:
