@@ -549,9 +549,12 @@ class Exchange:
         self._ended = True
         self._cancel_timers()
         if self._upstream_d is not None:
+            # Not guarded by d.called: once connected, treq's Deferred has
+            # fired and waits on the Agent's request Deferred, and cancel()
+            # forwards to it (closing the connection). No response arrived
+            # yet, or _got_response would have cleared _upstream_d.
             d, self._upstream_d = self._upstream_d, None
-            if not d.called:
-                d.cancel()
+            d.cancel()
         if self._body_transport is not None:
             transport, self._body_transport = self._body_transport, None
             transport.stopProducing()
