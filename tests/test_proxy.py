@@ -193,7 +193,12 @@ class UpstreamCall:
 class FakeUpstreamClient:
     """
     Stands in for L{aiproxy.upstream.UpstreamClient}: records each request
-    and returns a Deferred the test fires.
+    and returns a Deferred the test fires through C{call.deferred}.
+
+    Like treq over an Agent once the connection is made, the Deferred the
+    exchange gets has already fired and waits on the inner request
+    Deferred (C{called} is true): cancelling it must still reach the inner
+    one.
     """
 
     def __init__(self) -> None:
@@ -208,7 +213,10 @@ class FakeUpstreamClient:
 
         call = UpstreamCall(method, url, headers, body, Deferred(cancel))
         self.calls.append(call)
-        return call.deferred
+        connected: Deferred[Any] = Deferred()
+        connected.addCallback(lambda _: call.deferred)
+        connected.callback(None)
+        return connected
 
     @property
     def last(self) -> UpstreamCall:
