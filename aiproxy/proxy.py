@@ -13,6 +13,7 @@ tears the upstream transfer down whatever phase it is in.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError
@@ -34,7 +35,14 @@ from aiproxy.accesslog import log_access
 from aiproxy.context import ExchangeContext
 from aiproxy.eventstream import EventStreamDecoder
 from aiproxy.filters import BodyFilterChain, Reject, Terminate, open_chain
-from aiproxy.protocols import PASSTHROUGH, error_event, observer_for
+from aiproxy.protocols import (
+    ANTHROPIC_MESSAGES,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+    PASSTHROUGH,
+    error_event,
+    observer_for,
+)
 from aiproxy.request import (
     ClientError,
     apply_body_overrides,
@@ -57,6 +65,17 @@ _RELAYED_HEADERS = (b"x-request-id", b"request-id", b"retry-after", b"retry-afte
 _RELAYED_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"ratelimit")
 
 _STREAM_TYPES = (b"text/event-stream", b"application/vnd.amazon.eventstream")
+
+#: Headers of a response whose first bytes are keep-alive comments.
+_KEEPALIVE_HEADERS = (
+    (b"content-type", [b"text/event-stream"]),
+    (b"cache-control", [b"no-cache"]),
+    (b"x-accel-buffering", [b"no"]),
+)
+
+#: Protocols whose streams end with their own event: one that ends without
+#: it was cut short, whatever the HTTP framing says.
+_TERMINATED_PROTOCOLS = frozenset({OPENAI_CHAT, ANTHROPIC_MESSAGES, OPENAI_RESPONSES})
 
 
 class _BodyReceiver(Protocol):
@@ -137,7 +156,12 @@ class Exchange:
         self._response_headers: list[tuple[bytes, list[bytes]]] = []
         self._stream = False
         self._received = 0
+        self._max_bytes: int | None = self.conf.get("max_response_bytes")
         self._last_chunk = 0.0
+        #: When the upstream last sent an event (comments do not count).
+        self._last_data = 0.0
+        #: No event (or non-stream byte) has come from upstream yet.
+        self._awaiting_data = True
         self._body_parts: list[bytes] = []
         self._chain: BodyFilterChain | None = None
         self._decoder: Any = None
@@ -169,6 +193,7 @@ class Exchange:
             return
         method, url, headers, body = upstream
         self._arm_duration_limit()
+        self._arm_waiting_timers()
         self._upstream_d = self.route.client.request(method, url, headers, body)
         self._upstream_d.addCallbacks(self._got_response, self._upstream_failed)
         self._upstream_d.addErrback(self._bug)
@@ -271,12 +296,12 @@ class Exchange:
         """
         Collect a non-streamed response, within C{max_response_bytes}.
         """
-        limit = self.conf.get("max_response_bytes")
+        limit = self._max_bytes
         # A body without Content-Length has the length UNKNOWN_LENGTH, a str.
         length = response.length if isinstance(response.length, int) else None
         if limit is not None and length is not None and length > limit:
             response.deliverBody(_Discard())
-            self._fail("max_response_bytes", 502, "max_response_bytes exceeded")
+            self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
             return
         response.deliverBody(_BodyReceiver(self._body_started, self._buffered_chunk, self._buffered_ended))
 
@@ -291,15 +316,20 @@ class Exchange:
         self._body_transport = transport
         self._pacer = _Pacer(transport, self._client_resumed)
         self.request.registerProducer(self._pacer, True)
-        self._last_chunk = self.clock.seconds()
-        self._arm("read", self.conf["timeout"] / 1000.0, self._read_timer)
+        self._last_chunk = self._last_data = self.clock.seconds()
+        self._arm_silence("read", self.conf["timeout"], lambda: self._last_chunk, "timeout", "upstream read timed out")
+        idle = self.conf.get("stream_idle_timeout_ms")
+        if idle is not None and self._stream:
+            self._arm_silence(
+                "idle", idle, lambda: self._last_data, "stream_idle_timeout_ms", "stream_idle_timeout_ms exceeded"
+            )
 
     def _client_resumed(self) -> None:
         """
         The client's connection drained: the upstream read starts again, with
-        a whole C{timeout} ahead of it.
+        whole C{timeout} and C{stream_idle_timeout_ms} windows ahead of it.
         """
-        self._last_chunk = self.clock.seconds()
+        self._last_chunk = self._last_data = self.clock.seconds()
 
     def _buffered_chunk(self, data: bytes) -> None:
         """
@@ -308,10 +338,12 @@ class Exchange:
         if self._ended:
             return
         self._last_chunk = self.clock.seconds()
+        if self._awaiting_data:
+            self._first_data()
         self._received += len(data)
-        limit = self.conf.get("max_response_bytes")
+        limit = self._max_bytes
         if limit is not None and self._received > limit:
-            self._fail("max_response_bytes", 502, "max_response_bytes exceeded")
+            self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
             return
         self._body_parts.append(data)
 
@@ -324,12 +356,16 @@ class Exchange:
         self._body_transport = None
         if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream response body failed: {error}", error=reason.getErrorMessage())
-            self._fail("upstream_error", 502, "upstream closed the connection before the response was complete")
+            self._cut("upstream_error", 502, "upstream closed the connection before the response was complete")
             return
         body = b"".join(self._body_parts)
         self._body_parts = []
         context = self.context
         context.ttft_ms = _ms(self.clock.seconds() - context.started)
+        if context.output_started:
+            # Keep-alive comments already sent a streamed 200: say it in-band.
+            self._cut("upstream_error", 502, _upstream_error_message(self._response_status, body))
+            return
         if self._response_status < 400:
             if context.protocol is not None:
                 self._observer = observer_for(context.protocol)
@@ -371,12 +407,15 @@ class Exchange:
             if context.ttft_ms is None:
                 context.ttft_ms = _ms(now - context.started)
             self._received += len(data)
-            limit = self.conf.get("max_response_bytes")
+            limit = self._max_bytes
             if limit is not None and self._received > limit:
                 self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
                 return
             events = self._decoder.feed(data)
             if events:
+                self._last_data = now
+                if self._awaiting_data:
+                    self._first_data()
                 self._observer.observe_events(events, context)
             chain = self._chain
             if chain is not None:
@@ -402,10 +441,14 @@ class Exchange:
         context = self.context
         self._decoder.close()
         ended = reason.value
-        clean = isinstance(ended, ResponseDone) or (isinstance(ended, PotentialDataLoss) and context.done)
-        if not clean:
+        if not isinstance(ended, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
             self._cut("upstream_error", 502, "upstream closed the connection before the response was complete")
+            return
+        if not context.done and context.protocol in _TERMINATED_PROTOCOLS and self._received:
+            self._cut(
+                "upstream_incomplete", 502, "upstream ended the stream without its end-of-stream event"
+            )
             return
         if self._chain is not None:
             context.events = []
@@ -502,12 +545,13 @@ class Exchange:
             return
         context = self.context
         context.abort_reason = reason
-        log.warn("aborting AI stream: {reason}", reason=reason)
+        log.warn("aborting AI {kind}: {reason}", kind="stream" if context.stream else "request", reason=reason)
         if not context.output_started:
             self._fail(reason, status, message)
             return
         self._stop_upstream()
-        self._writer.stop()
+        if self._writer is not None:
+            self._writer.stop()
         self._write(error_event(context.protocol or PASSTHROUGH, message, reason))
         self._close_connection()
 
@@ -608,21 +652,20 @@ class Exchange:
         self.context.upstream_response_time_ms = _ms(self.clock.seconds() - self.context.started)
         if failure.check(CancelledError, TimeoutError, ConnectingCancelledError) or _cancelled(failure):
             log.warn("upstream request timed out")
-            self._fail("timeout", 504, "upstream timed out")
+            self._cut("timeout", 504, "upstream timed out")
         elif failure.check(DNSLookupError, ConnectError):
             log.warn("connecting upstream failed: {error}", error=failure.getErrorMessage())
-            self._fail("upstream_error", 502, f"failed to connect to upstream: {failure.getErrorMessage()}")
+            self._cut("upstream_error", 502, f"failed to connect to upstream: {failure.getErrorMessage()}")
         else:
             log.warn("upstream request failed: {error}", error=_describe(failure))
-            self._fail("upstream_error", 502, "upstream closed the connection without a response")
+            self._cut("upstream_error", 502, "upstream closed the connection without a response")
 
     def _bug(self, failure: Failure) -> None:
         """
         A programming error in a callback: log it and answer 500 if possible.
         """
         log.failure("proxying a request failed", failure)
-        if not self._ended:
-            self._fail("internal_error", 500, "internal error")
+        self._cut("internal_error", 500, "internal error")
 
     def _arm(self, name: str, delay: float, call: Any) -> None:
         """
@@ -653,22 +696,88 @@ class Exchange:
     def _duration_exceeded(self) -> None:
         self._cut("max_stream_duration_ms", 504, "max_stream_duration_ms exceeded")
 
-    def _read_timer(self) -> None:
+    def _arm_silence(
+        self, name: str, timeout_ms: int, since: Callable[[], float], reason: str, message: str
+    ) -> None:
         """
-        C{timeout} per read: no upstream chunk for that long ends the
-        response (504 before output, an error event after). Time during
-        which the client's connection paused the read does not count.
+        A timer that ends the response when nothing happened for
+        C{timeout_ms} since C{since()} (504 before output, an error event
+        after). Time during which the client's connection paused the upstream
+        read does not count: a paused upstream is not a silent one.
         """
-        timeout = self.conf["timeout"] / 1000.0
-        if self._pacer is not None and self._pacer.paused:
-            # The client paused the read: the upstream is not silent.
-            self._arm("read", timeout, self._read_timer)
+        timeout = timeout_ms / 1000.0
+
+        def check() -> None:
+            if self._pacer is not None and self._pacer.paused:
+                self._arm(name, timeout, check)
+                return
+            quiet = self.clock.seconds() - since()
+            if quiet < timeout:
+                self._arm(name, timeout - quiet, check)
+                return
+            self._cut(reason, 504, message)
+
+        self._arm(name, timeout, check)
+
+    def _arm_waiting_timers(self) -> None:
+        """
+        While no event has come from upstream: C{first_token_timeout_ms}
+        ends the wait, and C{keepalive_comment_interval_ms} sends C{:} SSE
+        comments to a streaming client so idle-timeout hops keep the
+        connection (they commit a 200 event-stream response).
+        """
+        first_token = self.conf.get("first_token_timeout_ms")
+        if first_token is not None:
+            self._arm(
+                "first_token",
+                first_token / 1000.0,
+                lambda: self._cut("first_token_timeout_ms", 504, "first_token_timeout_ms exceeded"),
+            )
+        if self.conf.get("keepalive_comment_interval_ms") is not None and self.context.stream:
+            self._arm("keepalive", self.conf["keepalive_comment_interval_ms"] / 1000.0, self._keepalive)
+
+    def _keepalive(self) -> None:
+        """
+        Send one keep-alive comment and schedule the next; they never reach
+        the filters or the figures.
+        """
+        if self._ended or not self._awaiting_data:
             return
-        idle = self.clock.seconds() - self._last_chunk
-        if idle < timeout:
-            self._arm("read", timeout - idle, self._read_timer)
-            return
-        self._cut("timeout", 504, "upstream read timed out")
+        if not self.context.output_started:
+            self._response_status = 200
+            self._response_headers = list(_KEEPALIVE_HEADERS)
+            self._set_headers()
+        self._write(b":\n\n")
+        self._arm("keepalive", self.conf["keepalive_comment_interval_ms"] / 1000.0, self._keepalive)
+
+    def _first_data(self) -> None:
+        """
+        The first event (or non-stream byte) arrived: stop waiting for it.
+        """
+        self._awaiting_data = False
+        for name in ("first_token", "keepalive"):
+            timer = self._timers.pop(name, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+
+def _upstream_error_message(status: int, body: bytes) -> str:
+    """
+    What an upstream error body says, for an in-band error event.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return f"upstream returned status {status}: {error['message']}"
+        if isinstance(document.get("message"), str):
+            return f"upstream returned status {status}: {document['message']}"
+    if status < 300:
+        return "upstream returned a non-streamed response to a streamed request"
+    return f"upstream returned status {status}"
 
 
 def _cancelled(failure: Failure) -> bool:
