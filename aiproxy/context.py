@@ -18,6 +18,16 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _later(known: int | None, new: int | None) -> int | None:
+    """
+    A count after a later usage object: C{new} unless it is missing, or 0
+    while a count is known.
+    """
+    if new is None or (new == 0 and known):
+        return known
+    return new
+
+
 class ExchangeContext:
     """
     Everything known about one proxied request, filled in as it goes.
@@ -126,7 +136,10 @@ class ExchangeContext:
     def set_usage(self, usage: Mapping[str, Any]) -> None:
         """
         Record a usage object in OpenAI, Responses or Anthropic shape; later
-        objects update the counts they carry (Anthropic sends usage twice).
+        objects update the counts they carry (Anthropic sends usage twice),
+        except that a later 0 does not erase a count already known (as in
+        APISIX: an Anthropic C{message_delta} may carry C{input_tokens: 0}).
+        The total is the upstream's, or at least prompt + completion.
         """
         self.usage = usage
         prompt = _int(usage.get("prompt_tokens"))
@@ -135,29 +148,25 @@ class ExchangeContext:
         completion = _int(usage.get("completion_tokens"))
         if completion is None:
             completion = _int(usage.get("output_tokens"))
-        if prompt is not None:
-            self.prompt_tokens = prompt
-        if completion is not None:
-            self.completion_tokens = completion
-        total = _int(usage.get("total_tokens"))
-        if total is None and self.prompt_tokens is not None and self.completion_tokens is not None:
-            total = self.prompt_tokens + self.completion_tokens
-        if total is not None:
-            self.total_tokens = total
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         cached = _int(usage.get("cache_read_input_tokens"))
         if cached is None and isinstance(details, dict):
             cached = _int(details.get("cached_tokens"))
-        if cached is not None:
-            self.cache_read_input_tokens = cached
-        created = _int(usage.get("cache_creation_input_tokens"))
-        if created is not None:
-            self.cache_creation_input_tokens = created
+        if cached is None:
+            cached = _int(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
         out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        if isinstance(out_details, dict):
-            reasoning = _int(out_details.get("reasoning_tokens"))
-            if reasoning is not None:
-                self.reasoning_tokens = reasoning
+        reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
+        self.prompt_tokens = _later(self.prompt_tokens, prompt)
+        self.completion_tokens = _later(self.completion_tokens, completion)
+        self.cache_read_input_tokens = _later(self.cache_read_input_tokens, cached)
+        self.cache_creation_input_tokens = _later(
+            self.cache_creation_input_tokens, _int(usage.get("cache_creation_input_tokens"))
+        )
+        self.reasoning_tokens = _later(self.reasoning_tokens, reasoning)
+        total = _later(self.total_tokens, _int(usage.get("total_tokens")))
+        if self.prompt_tokens is not None and self.completion_tokens is not None:
+            total = max(total or 0, self.prompt_tokens + self.completion_tokens)
+        self.total_tokens = total
 
     def record(self) -> dict[str, Any]:
         """

@@ -12,7 +12,7 @@ usage), unless a body filter asked for the text.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 __all__ = [
@@ -70,17 +70,40 @@ def _json(data: bytes) -> Any:
         return None
 
 
+_BLANKS = b" \t\r\n"
+
+
+def _values(data: bytes, key: bytes) -> Iterator[bytes]:
+    """
+    The start of every value written after C{key} (a quoted JSON key) in
+    C{data}: a few bytes from the value's first non-blank byte. A C{key}
+    not followed by a colon (a string value, not a key) is skipped.
+    """
+    at = data.find(key)
+    while at != -1:
+        start = at + len(key)
+        rest = data[start : start + 256].lstrip(_BLANKS)
+        if rest[:1] == b":":
+            yield rest[1:].lstrip(_BLANKS)
+        at = data.find(key, at + 1)
+
+
 def _has_object(data: bytes, key: bytes) -> bool:
     """
     Whether C{data} holds C{"key": {...}} (not C{null}), without parsing it.
     """
-    at = data.find(key)
-    while at != -1:
-        rest = data[at + len(key) : at + len(key) + 4].lstrip(b" :")
-        if rest[:1] == b"{":
-            return True
-        at = data.find(key, at + 1)
-    return False
+    return any(value[:1] == b"{" for value in _values(data, key))
+
+
+def _has_items(data: bytes, key: bytes) -> bool:
+    """
+    Whether C{data} holds C{"key": [...]} with at least one item (not
+    C{null} nor C{[]}), without parsing it.
+    """
+    return any(
+        value[:1] == b"[" and value[1:].lstrip(_BLANKS)[:1] not in (b"]", b"")
+        for value in _values(data, key)
+    )
 
 
 class _Observer:
@@ -133,7 +156,7 @@ class OpenAIChatObserver(_Observer):
                 if isinstance(document, dict) and context.llm_model is None:
                     model = document.get("model")
                     context.llm_model = model if isinstance(model, str) else ""
-            if b'"tool_calls"' in data:
+            if b'"tool_calls"' in data and _has_items(data, b'"tool_calls"'):
                 context.has_tool_calls = True
             if b'"usage"' in data and _has_object(data, b'"usage"'):
                 if document is None:
@@ -224,6 +247,32 @@ class ResponsesObserver(_Observer):
                     context.done = True
             elif kind == "response.output_item.added" and b'"function_call"' in event.data:
                 context.has_tool_calls = True
+
+    def read_document(self, document: Mapping[str, Any], context: Any) -> None:
+        super().read_document(document, context)
+        for item in document.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                context.has_tool_calls = True
+
+    def observe_body(self, body: bytes, context: Any) -> None:
+        """
+        Read a whole C{response} object, its output text included (in a
+        stream the text comes from the deltas, not from
+        C{response.completed}, which repeats it).
+        """
+        document = _json(body)
+        if not isinstance(document, dict):
+            return
+        self.read_document(document, context)
+        for item in document.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "message":
+                for part in item.get("content") or ():
+                    if (
+                        isinstance(part, dict)
+                        and part.get("type") == "output_text"
+                        and isinstance(part.get("text"), str)
+                    ):
+                        context.add_text(part["text"])
 
 
 class PassthroughObserver(_Observer):
