@@ -42,20 +42,22 @@ class PatternError(ValueError):
     """
 
 
-def compile_pattern(source: str) -> Any:
+def compile_pattern(source: str, allow_empty: bool = False) -> Any:
     """
     Compile a pattern for a L{HoldBackWindow} or a one-shot search.
 
     @param source: the regular expression.
+    @param allow_empty: accept a pattern that matches the empty string
+        (never in a window, where it would match everywhere).
     @return: the compiled C{regex} pattern.
-    @raise PatternError: when it does not compile or matches the empty
-        string.
+    @raise PatternError: when it does not compile, or matches the empty
+        string unless allowed.
     """
     try:
         pattern = regex.compile(source)
     except (regex.error, ValueError, TypeError, OverflowError) as e:
         raise PatternError(f"invalid regular expression: {e}") from None
-    if pattern.fullmatch("") is not None:
+    if not allow_empty and pattern.fullmatch("") is not None:
         raise PatternError("invalid regular expression: it matches the empty string")
     return pattern
 

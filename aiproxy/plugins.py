@@ -5,6 +5,8 @@ Finding filter plugins: the built-in ones and third-party dropins.
 A third-party package ships a module in C{twisted/plugins/} holding an
 object that provides L{twisted.plugin.IPlugin} and L{IFilterPlugin}; once the
 package is installed, routes can name the plugin without touching aiproxy.
+Its C{configure} may raise L{PluginConfigError} to refuse a config its
+schema allows; the loader reports each problem at its JSON path.
 """
 
 from __future__ import annotations
@@ -15,13 +17,25 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
+from aiproxy.builtin import BUILTINS, PluginConfigError
+from aiproxy.holdback import HoldBackWindow, PatternError, compile_pattern
 from aiproxy.interfaces import IFilterPlugin
 
-__all__ = ["available_plugins", "plugin_schemas"]
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "HoldBackWindow",
+    "PatternError",
+    "PluginConfigError",
+    "available_plugins",
+    "compile_pattern",
+    "plugin_schemas",
+]
 
 log = Logger()
 
-BUILTIN_PLUGINS: tuple[IFilterPlugin, ...] = ()
+#: C{ai-prompt-guard}, C{ai-prompt-decorator}, C{ai-response-guard} and
+#: C{ai-response-redact}.
+BUILTIN_PLUGINS: tuple[IFilterPlugin, ...] = BUILTINS
 
 
 def available_plugins() -> dict[str, IFilterPlugin]:

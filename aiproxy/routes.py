@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from aiproxy.config import Config, ConfigError, RouteConfig
 from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin, IRequestFilter
+from aiproxy.plugins import PluginConfigError
 from aiproxy.protocols import PASSTHROUGH
 from aiproxy.providers import UnsupportedProvider, get_provider
 from aiproxy.request import Target, upstream_url
@@ -107,7 +108,8 @@ def _configure_plugins(
 
     @param path: the route's C{plugins} path, for messages.
     @raise ConfigError: for a plugin that is not installed, or whose
-        C{configure} refused its config with L{ValueError} or L{re.error}.
+        C{configure} refused its config with L{PluginConfigError} (each
+        problem at its path), L{ValueError} or L{re.error}.
     """
     request_filters: list[IRequestFilter] = []
     body_filters: list[IBodyFilterFactory] = []
@@ -117,20 +119,30 @@ def _configure_plugins(
             [f"{format_path(path + [name])}: unknown plugin {name!r}" for name in unknown]
         )
     ordered = sorted(route.plugins.items(), key=lambda item: -plugins[item[0]].priority)
+    problems: list[str] = []
     for name, conf in ordered:
         try:
             configured = plugins[name].configure(dict(conf))
+        except PluginConfigError as e:
+            # A config the schema allows but the plugin cannot use (a bad
+            # regex), each problem at its own path.
+            problems.extend(
+                f"{format_path(path + [name, *where])}: {_one_line(reason)}" for where, reason in e.problems
+            )
+            continue
         except (ValueError, re.error) as e:
-            # A config the schema allows but the plugin cannot use (a bad regex).
-            raise ConfigError([f"{format_path(path + [name])}: {_one_line(e)}"]) from None
+            problems.append(f"{format_path(path + [name])}: {_one_line(e)}")
+            continue
         if IRequestFilter.providedBy(configured):
             request_filters.append(configured)
         if IBodyFilterFactory.providedBy(configured):
             body_filters.append(configured)
+    if problems:
+        raise ConfigError(problems)
     return request_filters, body_filters
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: Exception | str) -> str:
     """
     The message of C{error} on one line.
     """
