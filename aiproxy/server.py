@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aiproxy.accesslog import log_access
+from aiproxy.context import ExchangeContext
 from aiproxy.proxy import Exchange
 from aiproxy.request import too_large_message
 from aiproxy.routes import Route, RouteTable
@@ -51,24 +52,39 @@ class NoRouteResource(Resource):
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")
-        log_access(_rejection_record(request.method, request.path, 404))
-        return _json_error("404 Route Not Found")
+        body = _json_error("404 Route Not Found")
+        size = request.content.seek(0, 2) if request.content is not None else 0
+        log_access(_rejection_record(request.method, request.path, 404, bytes_in=size, bytes_out=len(body)))
+        return body
 
 
 def _rejection_record(
-    method: bytes, path: bytes, status: int, route_id: str | None = None, reason: str | None = None
+    method: bytes,
+    path: bytes,
+    status: int,
+    route: Route | None = None,
+    reason: str | None = None,
+    bytes_in: int = 0,
+    bytes_out: int = 0,
 ) -> dict[str, Any]:
     """
-    The access record of a request refused before an exchange handled it.
+    The access record of a request refused before an exchange handled it:
+    the same keys as an exchange's (SPEC section 6), figures unknown left
+    null.
     """
-    return {
-        "route_id": route_id,
-        "method": method.decode("latin-1"),
-        "path": path.partition(b"?")[0].decode("latin-1"),
-        "status": status,
-        "request_type": None,
-        "abort_reason": reason,
-    }
+    if route is None:
+        context = ExchangeContext(None, None, 0.0)  # type: ignore[arg-type]
+    else:
+        context = ExchangeContext(route.id, route.target.name, 0.0)
+    context.method = method.decode("latin-1")
+    context.path = path.partition(b"?")[0].decode("latin-1")
+    context.status = status
+    context.abort_reason = reason
+    context.bytes_in = bytes_in
+    context.bytes_out = bytes_out
+    record = context.record()
+    record["request_type"] = None
+    return record
 
 
 class GatewayResource(Resource):
@@ -164,7 +180,9 @@ class GatewayRequest(Request):
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
         )
         transport.loseConnection()
-        log_access(_rejection_record(command, path, 413, self._route.id, "request_too_large"))
+        log_access(
+            _rejection_record(command, path, 413, self._route, "request_too_large", self._received, len(body))
+        )
 
 
 class GatewaySite(Site):
