@@ -15,6 +15,7 @@ from twisted.web.server import Request
 
 from aiproxy.request import too_large_message
 from tests.test_proxy import (
+    ACCESS_KEYS,
     CHAT,
     ENDPOINT,
     Gateway,
@@ -71,6 +72,9 @@ class TooLargeTests(SynchronousTestCase):
         self.assertEqual(gateway.client.calls, [])
         record = gateway.record
         self.assertEqual((record["status"], record["route_id"], record["abort_reason"]), (413, "chat", "request_too_large"))
+        self.assertTrue(ACCESS_KEYS <= set(record), ACCESS_KEYS - set(record))
+        self.assertEqual(record["instance"], "ai-proxy-openai")
+        self.assertEqual(record["bytes_out"], len(response.body))
 
     def test_body_after_refusal_ignored(self) -> None:
         """
@@ -146,8 +150,12 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(response.header("content-type"), "application/json")
         self.assertIn("message", response.json())
         self.assertEqual(gateway.client.calls, [])
-        self.assertEqual(gateway.record["status"], 404)
-        self.assertEqual(gateway.record["path"], "/v1/nothing")
+        record = gateway.record
+        self.assertEqual(record["status"], 404)
+        self.assertEqual(record["path"], "/v1/nothing")
+        self.assertTrue(ACCESS_KEYS <= set(record), ACCESS_KEYS - set(record))
+        self.assertEqual(record["bytes_in"], len(json.dumps(CHAT)))
+        self.assertEqual(record["bytes_out"], len(response.body))
 
     def test_unknown_path_large_body(self) -> None:
         """
