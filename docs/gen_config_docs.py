@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from aiproxy.plugins import BUILTIN_PLUGINS  # noqa: E402
 from aiproxy.providers import PROVIDERS  # noqa: E402
 from aiproxy.schema import load_schema  # noqa: E402
 
@@ -52,9 +53,13 @@ def _code(value: Any) -> str:
 
 def _cell(text: str) -> str:
     """
-    C{text} made safe for one table cell.
+    C{text} made safe for one table cell: one line, C{|} escaped, and C{<}
+    and C{>} escaped outside code spans (C{route-<index>} is not a tag).
     """
-    return " ".join(text.split()).replace("|", "\\|")
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
 
 
 def _type(schema: Mapping[str, Any]) -> str:
@@ -203,6 +208,19 @@ def _providers() -> str:
     return "\n".join(lines)
 
 
+def _filter_plugins() -> str:
+    """
+    The built-in filter plugins: name, priority and a field table each.
+    """
+    if not BUILTIN_PLUGINS:
+        return "This version has no built-in filter plugins."
+    parts = []
+    for plugin in sorted(BUILTIN_PLUGINS, key=lambda plugin: -plugin.priority):
+        parts.append(f"#### `{plugin.name}` (priority {plugin.priority})")
+        parts.append(_field_table(field_rows(plugin.config_schema)))
+    return "\n\n".join(parts)
+
+
 #: The generated regions of the configuration reference, by marker name.
 REGIONS: dict[str, Callable[[], str]] = {
     "config": lambda: _field_table(field_rows(load_schema("config"), expand=lambda path: False)),
@@ -210,6 +228,7 @@ REGIONS: dict[str, Callable[[], str]] = {
     "ai-proxy": lambda: _field_table(field_rows(load_schema("ai-proxy"))),
     "ai-proxy-multi": _multi,
     "providers": _providers,
+    "filter-plugins": _filter_plugins,
 }
 
 
