@@ -171,7 +171,7 @@ class HoldBackWindow:
                 continue
             if not m.partial:
                 begin = m.start()
-                if final or _reaching_end(pattern, buf, begin, begin + 1) is None:
+                if final or m.end() < n or _survives(pattern, buf, begin):
                     self.hit = (index, m.group())
                     return "", n
                 # Complete, but more text could still undo it (an anchor or
@@ -258,6 +258,19 @@ class HoldBackWindow:
             out.append(buf[pos:begin])
             out.append(decided.expand(replacements[rule]))
             pos = end
+
+
+#: Continuations tried on a match that ends where the text so far ends.
+_PROBES = ("a", "0", " ", "\n", ".", "-")
+
+
+def _survives(pattern: Any, buf: str, start: int) -> bool:
+    """
+    Whether a match of C{pattern} at C{start}, ending at the end of
+    C{buf}, still matches whatever comes next: false for one that needs
+    the end of the text (C{$}, C{\\Z}) or a lookahead there (C{\\b}).
+    """
+    return all(pattern.match(buf + probe, start) is not None for probe in _PROBES)
 
 
 def _reaching_end(pattern: Any, buf: str, start: int, stop: int) -> int | None:

@@ -24,6 +24,7 @@ A non-streamed body is read whole at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -118,7 +119,12 @@ class TextStreamFilter:
         for event in events:
             result = self._event(event)
             if self._hit is not None:
-                return self._terminate(context, stream=True)
+                denial = self._terminate(context, stream=True)
+                if context.output_started and parts:
+                    # The events before the hit are clean: they go first.
+                    sent = b"".join(encode_event(p) if isinstance(p, SSEEvent) else p for p in parts)
+                    denial = dataclasses.replace(denial, data=sent + denial.data)
+                return denial
             if result is None:
                 parts.append(event)
             else:
