@@ -142,6 +142,17 @@ def _configure_plugins(
     return request_filters, body_filters
 
 
+def _latin1(value: str) -> bool:
+    """
+    Whether C{value} can be sent as an HTTP header value.
+    """
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _one_line(error: Exception | str) -> str:
     """
     The message of C{error} on one line.
@@ -167,6 +178,20 @@ def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[
     if provider.base_url is None and not (conf.get("override") or {}).get("endpoint"):
         raise ConfigError(
             [f"{format_path(path + ['override', 'endpoint'])}: required for provider '{provider.name}'"]
+        )
+    unsendable = [
+        name
+        for name, value in ((conf.get("auth") or {}).get("header") or {}).items()
+        if not value.isascii() and not _latin1(value)
+    ]
+    if unsendable:
+        # Caught here rather than as a UnicodeEncodeError on every request.
+        raise ConfigError(
+            [
+                f"{format_path(path + ['auth', 'header', name])}: "
+                "a header value must be ISO-8859-1 text"
+                for name in unsendable
+            ]
         )
     try:
         client = UpstreamClient(reactor, conf)

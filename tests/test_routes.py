@@ -17,6 +17,7 @@ from zope.interface.verify import verifyObject
 
 from aiproxy.config import PROXY_PLUGINS, ConfigError, parse_config
 from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin, IRequestFilter
+from aiproxy.protocols import OPENAI_CHAT, PASSTHROUGH
 from aiproxy.routes import Route, RouteTable, build_routes
 from aiproxy.schema import load_schema
 
@@ -339,6 +340,42 @@ class BuildRoutesTests(SynchronousTestCase):
             [problem] = self.problems(route_doc("/a", proxy={"ssl_ca_file": path}))
             self.assertTrue(problem.startswith("routes[0].plugins.ai-proxy.ssl_ca_file: "), problem)
             self.assertIn(path, problem)
+
+    def test_header_value_not_sendable(self) -> None:
+        """
+        An C{auth.header} value that cannot be sent in HTTP (not
+        ISO-8859-1) is a problem at that header, not an error per request.
+        """
+        self.assertEqual(
+            self.problems(
+                route_doc("/a", proxy={"auth": {"header": {"Authorization": "Bearer \u2603"}}})
+            ),
+            [
+                "routes[0].plugins.ai-proxy.auth.header.Authorization: a header value must be ISO-8859-1 text"
+            ],
+        )
+        self.build(route_doc("/a", proxy={"auth": {"header": {"X-Name": "caf\u00e9"}}}))
+
+    def test_upstream_url(self) -> None:
+        """
+        A route's upstream URL follows L{aiproxy.request.upstream_url}: the
+        same URL whatever the client's path and query, except for
+        passthrough, which keeps them.
+        """
+        [route] = self.build(route_doc("/v1/*", proxy={"auth": {"query": {"key": "k"}}})).routes
+        for path, query in (("/v1/chat/completions", "a=1"), ("/v1/other", "")):
+            self.assertEqual(
+                route.upstream_url(OPENAI_CHAT, path, query),
+                "https://api.openai.com/v1/chat/completions?key=k",
+            )
+        self.assertEqual(
+            route.upstream_url(PASSTHROUGH, "/v1/models", "limit=2"),
+            "https://api.openai.com/v1/models?limit=2&key=k",
+        )
+        self.assertEqual(
+            route.upstream_url(PASSTHROUGH, "/v1/files", ""),
+            "https://api.openai.com/v1/files?key=k",
+        )
 
     def test_close(self) -> None:
         """
