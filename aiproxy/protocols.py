@@ -127,10 +127,13 @@ class _Observer:
 
     def read_document(self, document: Mapping[str, Any], context: Any) -> None:
         """
-        Read a parsed non-streamed response.
+        Read a parsed response (a whole body, or the message/response object
+        a stream starts or ends with). The response's model is only used
+        when the request named none: C{llm_model} is the model sent
+        upstream, as in APISIX, for every protocol and mode.
         """
         model = document.get("model")
-        if isinstance(model, str):
+        if isinstance(model, str) and context.llm_model is None:
             context.llm_model = model
         usage = document.get("usage")
         if isinstance(usage, dict):

@@ -490,6 +490,42 @@ class PassthroughTests(SynchronousTestCase):
         )
 
 
+class ModelTests(SynchronousTestCase):
+    """
+    C{llm_model} is the model sent upstream; the response's model is only
+    used when the request named none.
+    """
+
+    def test_known_model_kept(self) -> None:
+        """
+        A model set from the request is kept, whatever the response names,
+        for every protocol, streamed or whole.
+        """
+        whole = {
+            OPENAI_CHAT: {"model": "dated-2024", "choices": []},
+            ANTHROPIC_MESSAGES: {"model": "dated-2024", "content": []},
+            OPENAI_RESPONSES: {"model": "dated-2024", "output": []},
+            PASSTHROUGH: {"model": "dated-2024"},
+        }
+        streams = {
+            OPENAI_CHAT: OPENAI_STREAM,
+            ANTHROPIC_MESSAGES: ANTHROPIC_STREAM,
+            OPENAI_RESPONSES: RESPONSES_STREAM,
+        }
+        for protocol, body in whole.items():
+            context = ExchangeContext("r", "i", 0.0)
+            context.llm_model = "sent"
+            observer_for(protocol).observe_body(json.dumps(body).encode(), context)
+            self.assertEqual(context.llm_model, "sent", protocol)
+        for protocol, stream in streams.items():
+            context = ExchangeContext("r", "i", 0.0)
+            context.llm_model = "sent"
+            for wants_text in (False, True):
+                context.wants_text = wants_text
+                observer_for(protocol).observe_events(SSEDecoder().feed(stream), context)
+                self.assertEqual(context.llm_model, "sent", protocol)
+
+
 class ErrorEventTests(SynchronousTestCase):
     """
     L{error_event}: the final event of a cut stream, in the client's
