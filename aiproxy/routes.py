@@ -26,6 +26,9 @@ from aiproxy.upstream import UpstreamClient
 
 __all__ = ["Route", "RouteTable", "build_routes"]
 
+#: A C{.} or C{..} path segment, plain or percent-encoded.
+_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+
 
 @dataclass
 class Route:
@@ -82,8 +85,13 @@ class RouteTable:
 
     def match(self, path: str, method: str) -> Route | None:
         """
-        The route serving C{method} C{path}, or L{None}.
+        The route serving C{method} C{path}, or L{None}. A path with a
+        C{.} or C{..} segment (also percent-encoded) matches nothing: it
+        would match a prefix route while naming a path outside it, and
+        passthrough sends the client's path upstream as it is.
         """
+        if ("." in path or "%" in path) and _DOT_SEGMENT.search(path):
+            return None
         for route in self._exact.get(path, ()):
             if route.methods is None or method in route.methods:
                 return route

@@ -236,6 +236,30 @@ class MatchTests(SynchronousTestCase):
         self.assertEqual(self.ids(table, "/b/x", method="POST"), ["post-only"])
         self.assertEqual(self.ids(table, "/b/x", method="GET"), [None])
 
+    def test_dot_segments(self) -> None:
+        """
+        A path with C{.} or C{..} segments, plain or percent-encoded,
+        matches no route (it could leave a prefix route's scope upstream);
+        dots inside names are fine.
+        """
+        table = table_of(route_doc("/v1/*", id="v1"), route_doc("/*", id="all"))
+        self.assertEqual(
+            self.ids(
+                table,
+                "/v1/../admin",
+                "/v1/%2e%2E/admin",
+                "/v1/.%2e",
+                "/v1/./chat",
+                "/..",
+                "/v1/%2E/x",
+            ),
+            [None] * 6,
+        )
+        self.assertEqual(
+            self.ids(table, "/v1/models/gpt-4.1", "/v1/.well-known", "/v1/a..b", "/v1/100%25"),
+            ["v1"] * 4,
+        )
+
     def test_no_routes(self) -> None:
         """
         An empty table matches nothing.
