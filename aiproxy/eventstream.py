@@ -151,6 +151,14 @@ class EventStreamDecoder:
         self._needed = _PRELUDE_SIZE
         self.error: str | None = None
 
+    @property
+    def pending(self) -> int:
+        """
+        The number of bytes of an incomplete message carried over to the
+        next L{feed}.
+        """
+        return self._pending
+
     def feed(self, chunk: bytes) -> list[EventStreamMessage]:
         """
         Decode the next bytes of the stream.

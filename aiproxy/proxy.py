@@ -162,6 +162,9 @@ class Exchange:
         self._last_data = 0.0
         #: No event (or non-stream byte) has come from upstream yet.
         self._awaiting_data = True
+        #: Every upstream chunk restarts C{stream_idle_timeout_ms}, comments
+        #: included (set for SSE by C{stream_idle_timeout_counts_comments}).
+        self._idle_counts_all = bool(self.conf.get("stream_idle_timeout_counts_comments"))
         self._body_parts: list[bytes] = []
         self._chain: BodyFilterChain | None = None
         self._decoder: Any = None
@@ -283,6 +286,8 @@ class Exchange:
         ]
         if content_type.lower().startswith(b"application/vnd.amazon.eventstream"):
             self._decoder = EventStreamDecoder()
+            # Binary framing has no comments: every chunk is activity.
+            self._idle_counts_all = True
         else:
             self._decoder = SSEDecoder()
         self._observer = observer_for(context.protocol or PASSTHROUGH)
@@ -290,7 +295,9 @@ class Exchange:
         context.wants_text = self._chain is not None
         self._writer = make_writer(self._send, self.clock, self.conf["streaming_flush_interval_ms"])
         self._arm_duration_limit()
-        response.deliverBody(_BodyReceiver(self._body_started, self._stream_chunk, self._stream_ended))
+        response.deliverBody(
+            _BodyReceiver(self._body_started, self._stream_chunk, self._guarded(self._stream_ended))
+        )
 
     def _start_buffered(self, response: Any) -> None:
         """
@@ -303,7 +310,9 @@ class Exchange:
             response.deliverBody(_Discard())
             self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
             return
-        response.deliverBody(_BodyReceiver(self._body_started, self._buffered_chunk, self._buffered_ended))
+        response.deliverBody(
+            _BodyReceiver(self._body_started, self._buffered_chunk, self._guarded(self._buffered_ended))
+        )
 
     def _body_started(self, transport: Any) -> None:
         """
@@ -406,14 +415,23 @@ class Exchange:
             now = self._last_chunk = self.clock.seconds()
             if context.ttft_ms is None:
                 context.ttft_ms = _ms(now - context.started)
+                # The upstream's own bytes reach the client from now on: a
+                # comment of ours could land inside one of its events.
+                self._cancel_timer("keepalive")
             self._received += len(data)
             limit = self._max_bytes
             if limit is not None and self._received > limit:
                 self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
                 return
-            events = self._decoder.feed(data)
-            if events:
+            decoder = self._decoder
+            carried = decoder.pending
+            events = decoder.feed(data)
+            # A chunk that only held comments (or blank lines) is not
+            # activity for stream_idle_timeout_ms; one that completes,
+            # continues or starts an event is.
+            if events or carried or decoder.pending or self._idle_counts_all:
                 self._last_data = now
+            if events:
                 if self._awaiting_data:
                     self._first_data()
                 self._observer.observe_events(events, context)
@@ -439,17 +457,21 @@ class Exchange:
             return
         self._body_transport = None
         context = self.context
-        self._decoder.close()
         ended = reason.value
         if not isinstance(ended, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
             self._cut("upstream_error", 502, "upstream closed the connection before the response was complete")
             return
-        if not context.done and context.protocol in _TERMINATED_PROTOCOLS and self._received:
+        if self._received == 0:
+            # Also after keep-alive comments: never a clean end without content.
+            self._cut("upstream_error", 502, "upstream returned an empty stream")
+            return
+        if not context.done and context.protocol in _TERMINATED_PROTOCOLS:
             self._cut(
                 "upstream_incomplete", 502, "upstream ended the stream without its end-of-stream event"
             )
             return
+        self._decoder.close()
         if self._chain is not None:
             context.events = []
             tail = self._chain.finish(context)
@@ -460,9 +482,6 @@ class Exchange:
                 self._writer.write(tail)
         self._writer.stop()
         if not context.output_started:
-            if self._received == 0:
-                self._fail("upstream_error", 502, "upstream returned an empty stream")
-                return
             self._set_headers()
         self._end_cleanly()
 
@@ -552,8 +571,19 @@ class Exchange:
         self._stop_upstream()
         if self._writer is not None:
             self._writer.stop()
-        self._write(error_event(context.protocol or PASSTHROUGH, message, reason))
+        self._write(self._event_break() + error_event(context.protocol or PASSTHROUGH, message, reason))
         self._close_connection()
+
+    def _event_break(self) -> bytes:
+        """
+        C{\\n\\n} when the bytes relayed so far end inside an SSE event (the
+        upstream was cut mid-event), so that the error event after them is
+        an event of its own; else nothing.
+        """
+        decoder = self._decoder
+        if isinstance(decoder, SSEDecoder) and decoder.pending:
+            return b"\n\n"
+        return b""
 
     def _terminate(self, result: Terminate) -> None:
         """
@@ -676,6 +706,31 @@ class Exchange:
             timer.cancel()
         self._timers[name] = self.clock.callLater(delay, call)
 
+    def _cancel_timer(self, name: str) -> None:
+        """
+        Stop the timer C{name} if it is running.
+        """
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _guarded(self, handler: Callable[[Failure], None]) -> Callable[[Failure], None]:
+        """
+        C{handler} for the end of an upstream body, run from the body
+        protocol's C{connectionLost}: an exception in it (a body filter's
+        final call) cuts the response instead of escaping into Twisted and
+        leaving the client waiting.
+        """
+
+        def run(reason: Failure) -> None:
+            try:
+                handler(reason)
+            except Exception:
+                log.failure("ending the response failed")
+                self._cut("internal_error", 502, "internal error while relaying the response")
+
+        return run
+
     def _cancel_timers(self) -> None:
         for timer in self._timers.values():
             if timer.active():
@@ -722,9 +777,10 @@ class Exchange:
     def _arm_waiting_timers(self) -> None:
         """
         While no event has come from upstream: C{first_token_timeout_ms}
-        ends the wait, and C{keepalive_comment_interval_ms} sends C{:} SSE
-        comments to a streaming client so idle-timeout hops keep the
-        connection (they commit a 200 event-stream response).
+        ends the wait; and until the upstream's first body byte,
+        C{keepalive_comment_interval_ms} sends C{:} SSE comments to a
+        streaming client so idle-timeout hops keep the connection (they
+        commit a 200 event-stream response).
         """
         first_token = self.conf.get("first_token_timeout_ms")
         if first_token is not None:
@@ -741,7 +797,7 @@ class Exchange:
         Send one keep-alive comment and schedule the next; they never reach
         the filters or the figures.
         """
-        if self._ended or not self._awaiting_data:
+        if self._ended or not self._awaiting_data or self._received:
             return
         if not self.context.output_started:
             self._response_status = 200
@@ -755,10 +811,8 @@ class Exchange:
         The first event (or non-stream byte) arrived: stop waiting for it.
         """
         self._awaiting_data = False
-        for name in ("first_token", "keepalive"):
-            timer = self._timers.pop(name, None)
-            if timer is not None and timer.active():
-                timer.cancel()
+        self._cancel_timer("first_token")
+        self._cancel_timer("keepalive")
 
 
 def _upstream_error_message(status: int, body: bytes) -> str:
