@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import yaml
@@ -236,6 +237,73 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) or "unknown error"
 
 
+#: Endpoint types whose strings can be parsed without side effects or an
+#: environment (systemd endpoints need the sockets systemd passes).
+_PARSED_ENDPOINTS = frozenset({"tcp", "tcp6", "unix", "ssl"})
+
+
+@cache
+def _endpoint_plugin_prefixes() -> frozenset[str]:
+    """
+    The endpoint types installed plugins add (e.g. C{le:}), looked up once.
+    """
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    return frozenset(
+        parser.prefix.lower() for parser in getPlugins(IStreamServerEndpointStringParser)
+    )
+
+
+def _endpoint_problem(description: str) -> str | None:
+    """
+    What is wrong with a server endpoint string, as far as can be told
+    before listening: an unknown type, or arguments its parser refuses
+    (a port that is not a number, an unknown option, an C{ssl:} key that
+    cannot be read).
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind in _PARSED_ENDPOINTS:
+        try:
+            serverFromString(None, description)
+        except Exception as e:  # each parser raises its own kind
+            return f"invalid endpoint {description!r}: {_one_line(str(e))}"
+        return None
+    if kind == "systemd":
+        return None
+    if kind not in _endpoint_plugin_prefixes():
+        return f"invalid endpoint {description!r}: unknown endpoint type {kind!r}"
+    return None
+
+
+def _endpoint_problems(
+    document: Mapping[str, Any], reported: list[list[str | int]]
+) -> Iterator[Problem]:
+    """
+    Check the C{listen} and C{metrics_listen} endpoint strings that passed
+    the schema.
+
+    @param reported: paths already reported.
+    """
+    listen = document.get("listen")
+    candidates: list[tuple[list[str | int], Any]] = []
+    if isinstance(listen, str):
+        candidates.append((["listen"], listen))
+    elif isinstance(listen, list):
+        candidates.extend((["listen", i], item) for i, item in enumerate(listen))
+    candidates.append((["metrics_listen"], document.get("metrics_listen")))
+    for path, description in candidates:
+        if not isinstance(description, str) or not description:
+            continue
+        if any(path[: len(done)] == done for done in reported):
+            continue
+        problem = _endpoint_problem(description)
+        if problem is not None:
+            yield path, problem
+
+
 def _validate(
     document: Any,
     environ: Mapping[str, str],
@@ -252,6 +320,8 @@ def _validate(
     document = _substitute(document, environ, [], problems)
     unset = [path for path, _ in problems]
     problems.extend(schema_problems(document, load_schema("config"), skip=unset))
+    if isinstance(document, dict):
+        problems.extend(_endpoint_problems(document, [path for path, _ in problems]))
     routes = document.get("routes") if isinstance(document, dict) else None
     if isinstance(routes, list):
         ids = []

@@ -96,7 +96,7 @@ class ProblemsMixin:
         return error.problems
 
 
-class DefaultsTests(SynchronousTestCase):
+class DefaultsTests(SynchronousTestCase, ProblemsMixin):
     """
     Defaults are filled in from the schemas.
     """
@@ -120,6 +120,43 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(parse("listen: unix:/tmp/a.sock").listen, ("unix:/tmp/a.sock",))
         config = parse("listen: ['tcp:8080', 'tcp:8081']")
         self.assertEqual(config.listen, ("tcp:8080", "tcp:8081"))
+
+    def test_endpoints_checked(self) -> None:
+        """
+        Endpoint strings are parsed at load time: an unknown type or bad
+        arguments are problems at their path, before anything listens.
+        """
+        self.assertEqual(
+            self.problems("listen: 'tcp:port=abc'"),
+            [
+                "listen: invalid endpoint 'tcp:port=abc': invalid literal for int() with base 10: 'abc'"
+            ],
+        )
+        self.assertEqual(
+            self.problems("listen: ['tcp:1', 'nope:1']\nmetrics_listen: 'tcp:port=1:bogus=2'"),
+            [
+                "listen[1]: invalid endpoint 'nope:1': unknown endpoint type 'nope'",
+                "metrics_listen: invalid endpoint 'tcp:port=1:bogus=2': "
+                "_parseTCP() got an unexpected keyword argument 'bogus'",
+            ],
+        )
+        key = self.mktemp()
+        [problem] = self.problems(f"listen: 'ssl:port=8443:privateKey={key}'")
+        self.assertTrue(
+            problem.startswith(f"listen: invalid endpoint 'ssl:port=8443:privateKey={key}': "),
+            problem,
+        )
+
+    def test_endpoints_accepted(self) -> None:
+        """
+        Valid TCP, IPv6, UNIX and systemd endpoint strings are accepted (a
+        systemd endpoint is not resolved before systemd passes its sockets).
+        """
+        config = parse(
+            "listen: ['tcp:port=9080:interface=127.0.0.1', 'tcp6:port=1:interface=\\:\\:1', "
+            "'unix:/tmp/aiproxy.sock', 'systemd:domain=INET:index=0']"
+        )
+        self.assertEqual(len(config.listen), 4)
 
     def test_top_level_fields(self) -> None:
         """
@@ -652,8 +689,10 @@ class EnvironmentTests(SynchronousTestCase, ProblemsMixin):
         """
         Several references in one string are all replaced.
         """
-        config = parse("listen: 'tcp:port=${PORT}:interface=${HOST}'", {"PORT": "1", "HOST": "::1"})
-        self.assertEqual(config.listen, ("tcp:port=1:interface=::1",))
+        config = parse(
+            "listen: 'tcp:port=${PORT}:interface=${HOST}'", {"PORT": "1", "HOST": "127.0.0.1"}
+        )
+        self.assertEqual(config.listen, ("tcp:port=1:interface=127.0.0.1",))
 
     def test_missing(self) -> None:
         """
@@ -680,7 +719,7 @@ class EnvironmentTests(SynchronousTestCase, ProblemsMixin):
         text = "listen: '${LISTEN:-tcp:9999}'"
         self.assertEqual(parse(text).listen, ("tcp:9999",))
         self.assertEqual(parse(text, {"LISTEN": "tcp:1"}).listen, ("tcp:1",))
-        self.assertEqual(parse("metrics_listen: 'x${E:-}y'").metrics_listen, "xy")
+        self.assertEqual(parse("metrics_listen: 'tcp:${E:-}9'").metrics_listen, "tcp:9")
 
     def test_not_in_keys(self) -> None:
         """
