@@ -142,10 +142,23 @@ class Exchange:
     One client request proxied to the route's upstream.
     """
 
-    def __init__(self, route: Route, request: Request, clock: IReactorTime) -> None:
+    def __init__(self, route: Route, request: Request, clock: IReactorTime, monitor: Any = None) -> None:
+        """
+        @param monitor: the gateway's L{aiproxy.lifecycle.IExchangeMonitor},
+            told when this exchange starts, streams and ends; or L{None}.
+        """
         self.route = route
         self.request = request
         self.clock = clock
+        self.monitor = monitor
+        #: When the upstream request was sent, and the status it answered.
+        self.upstream_started_at: float | None = None
+        self.upstream_status: int | None = None
+        #: Timed only when the monitor wants chunk timings (metrics on): the
+        #: first upstream chunk, and the first body bytes to the client.
+        self.first_chunk_at: float | None = None
+        self.first_output_at: float | None = None
+        self._observe_gap: Callable[[float], None] | None = None
         self.conf = route.conf
         self.context = ExchangeContext(route.id, route.target.name, clock.seconds())
         self._upstream_d: Any = None
@@ -187,6 +200,8 @@ class Exchange:
         context.method = request.method.decode("latin-1")
         context.path = request.path.decode("latin-1")
         request.notifyFinish().addCallbacks(self._client_finished, self._client_lost)
+        if self.monitor is not None:
+            self.monitor.exchange_started(self)
         try:
             upstream = self._prepare()
         except ClientError as e:
@@ -197,6 +212,7 @@ class Exchange:
         method, url, headers, body = upstream
         self._arm_duration_limit()
         self._arm_waiting_timers()
+        self.upstream_started_at = self.clock.seconds()
         self._upstream_d = self.route.client.request(method, url, headers, body)
         self._upstream_d.addCallbacks(self._got_response, self._upstream_failed)
         self._upstream_d.addErrback(self._bug)
@@ -260,7 +276,7 @@ class Exchange:
         if self._ended:
             response.deliverBody(_Discard())
             return
-        self._response_status = response.code
+        self._response_status = self.upstream_status = response.code
         content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
         relayed = [(b"content-type", [content_type])] if content_type else []
         for name, values in response.headers.getAllRawHeaders():
@@ -292,9 +308,16 @@ class Exchange:
             self._decoder = SSEDecoder()
         self._observer = observer_for(context.protocol or PASSTHROUGH)
         self._chain = open_chain(self.route.body_filters, context)
-        context.wants_text = self._chain is not None
+        context.wants_text = self._chain is not None or bool((self.conf.get("logging") or {}).get("payloads"))
         self._writer = make_writer(self._send, self.clock, self.conf["streaming_flush_interval_ms"])
         self._arm_duration_limit()
+        if self.monitor is not None:
+            self._observe_gap = self.monitor.stream_started(self)
+            if self._observe_gap is not None:
+                # Chunk timings wanted: the body receiver built below gets
+                # the timing wrapper (this instance attribute shadows the
+                # method); without metrics the hot path is untouched.
+                self._stream_chunk = self._timed_chunk  # type: ignore[method-assign]
         response.deliverBody(
             _BodyReceiver(self._body_started, self._stream_chunk, self._guarded(self._stream_ended))
         )
@@ -668,7 +691,59 @@ class Exchange:
         context = self.context
         if context.status is None:
             context.status = self._response_status
-        log_access(context.record())
+        record = context.record()
+        self._add_to_record(record)
+        log_access(record)
+        if self.monitor is not None:
+            self.monitor.exchange_ended(self, record)
+
+    def _add_to_record(self, record: dict[str, Any]) -> None:
+        """
+        Add the upstream attempts and the route's C{logging} extras to the
+        access record.
+        """
+        now = self.clock.seconds()
+        sent = self.upstream_started_at
+        context = self.context
+        record["attempts"] = (
+            []
+            if sent is None
+            else [{"instance": context.instance, "status": self.upstream_status, "duration_ms": _ms(now - sent)}]
+        )
+        logging = self.conf.get("logging")
+        if logging:
+            record.update(llm_logging_fields(context, logging, _ms(now - context.started)))
+
+    # -- control and timing -------------------------------------------------
+
+    def abort(self, reason: str) -> None:
+        """
+        End the exchange now (the gateway is shutting down): 503 before any
+        output, else an error event in the client's protocol and a closed
+        connection; the upstream transfer is stopped.
+        """
+        self._cut(reason, 503, "server shutting down")
+
+    def _timed_chunk(self, data: bytes) -> None:
+        """
+        L{_stream_chunk} with timings, when the monitor wants them: the gap
+        since the previous chunk, the first chunk's arrival and the first
+        body bytes sent to the client.
+        """
+        if self._ended:
+            return
+        now = self.clock.seconds()
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        elif self._observe_gap is not None:
+            self._observe_gap(now - self._last_chunk)
+        if self.first_output_at is None:
+            sent = self.context.bytes_out
+            Exchange._stream_chunk(self, data)
+            if self.context.bytes_out > sent:
+                self.first_output_at = self.clock.seconds()
+            return
+        Exchange._stream_chunk(self, data)
 
     # -- upstream failures and timers -------------------------------------
 
@@ -813,6 +888,35 @@ class Exchange:
         self._awaiting_data = False
         self._cancel_timer("first_token")
         self._cancel_timer("keepalive")
+
+
+def llm_logging_fields(context: ExchangeContext, logging: Any, duration_ms: int) -> dict[str, Any]:
+    """
+    The access-record keys of a route's C{logging} options, as APISIX adds
+    them: C{llm_summary} (C{summaries}); C{llm_request} and
+    C{llm_response_text} (C{payloads}). The request part holds the
+    conversation only (never headers, so never a credential).
+    """
+    fields: dict[str, Any] = {}
+    if logging.get("summaries"):
+        fields["llm_summary"] = {
+            "model": context.llm_model or context.request_llm_model,
+            "duration": duration_ms,
+            "prompt_tokens": context.prompt_tokens,
+            "completion_tokens": context.completion_tokens,
+            "total_tokens": context.total_tokens,
+            "upstream_response_time": context.upstream_response_time_ms,
+            "stream": context.stream,
+        }
+    if logging.get("payloads"):
+        body = context.body or {}
+        fields["llm_request"] = {key: body[key] for key in _LOGGED_REQUEST_KEYS if key in body}
+        fields["llm_response_text"] = {"content": context.text}
+    return fields
+
+
+#: The request body keys C{logging.payloads} records.
+_LOGGED_REQUEST_KEYS = ("model", "system", "messages", "input", "prompt", "stream")
 
 
 def _upstream_error_message(status: int, body: bytes) -> str:

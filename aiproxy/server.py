@@ -7,6 +7,7 @@ a L{Request} that refuses an oversized body before reading it.
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -32,13 +33,14 @@ class RouteResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, route: Route, clock: IReactorTime) -> None:
+    def __init__(self, route: Route, clock: IReactorTime, monitor: Any = None) -> None:
         super().__init__()
         self._route = route
         self._clock = clock
+        self._monitor = monitor
 
     def render(self, request: Request) -> Any:
-        Exchange(self._route, request, self._clock).start()
+        Exchange(self._route, request, self._clock, self._monitor).start()
         return NOT_DONE_YET
 
 
@@ -49,13 +51,29 @@ class NoRouteResource(Resource):
 
     isLeaf = True
 
+    #: The L{aiproxy.lifecycle.IExchangeMonitor} whose metrics count the 404s.
+    monitor: Any = None
+
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")
         body = _json_error("404 Route Not Found")
         size = request.content.seek(0, 2) if request.content is not None else 0
-        log_access(_rejection_record(request.method, request.path, 404, bytes_in=size, bytes_out=len(body)))
+        _log_rejection(
+            self.monitor, _rejection_record(request.method, request.path, 404, bytes_in=size, bytes_out=len(body))
+        )
         return body
+
+
+def _log_rejection(monitor: Any, record: dict[str, Any]) -> None:
+    """
+    Log a request refused before an exchange handled it, and count it in
+    the metrics when they are on.
+    """
+    log_access(record)
+    metrics = getattr(monitor, "metrics", None)
+    if metrics is not None:
+        metrics.observe_record(record)
 
 
 def _rejection_record(
@@ -93,14 +111,18 @@ class GatewayResource(Resource):
 
     @ivar table: the routes in force; replacing it (on reload) affects new
         requests only, as each request keeps the route it started with.
+    @ivar monitor: the L{aiproxy.lifecycle.IExchangeMonitor} every exchange
+        reports to, or L{None}.
     """
 
-    def __init__(self, table: RouteTable, clock: IReactorTime) -> None:
+    def __init__(self, table: RouteTable, clock: IReactorTime, monitor: Any = None) -> None:
         super().__init__()
         self.clock = clock
         self.table = table
+        self.monitor = monitor
         self._resources: dict[int, RouteResource] = {}
         self._no_route = NoRouteResource()
+        self._no_route.monitor = monitor
 
     def match(self, path: bytes, method: bytes) -> Route | None:
         """
@@ -114,7 +136,7 @@ class GatewayResource(Resource):
             return self._no_route
         resource = self._resources.get(id(route))
         if resource is None or resource._route is not route:
-            resource = self._resources[id(route)] = RouteResource(route, self.clock)
+            resource = self._resources[id(route)] = RouteResource(route, self.clock, self.monitor)
         return resource
 
     def render(self, request: Request) -> Any:
@@ -180,8 +202,9 @@ class GatewayRequest(Request):
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
         )
         transport.loseConnection()
-        log_access(
-            _rejection_record(command, path, 413, self._route, "request_too_large", self._received, len(body))
+        _log_rejection(
+            getattr(self.channel.site.resource, "monitor", None),
+            _rejection_record(command, path, 413, self._route, "request_too_large", self._received, len(body)),
         )
 
 
@@ -195,6 +218,14 @@ class GatewaySite(Site):
 
     def __init__(self, resource: GatewayResource, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
+        #: The open client connections (their protocols), for the drain.
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self.connections.add(protocol)
+        return protocol
 
     def log(self, request: Request) -> None:
         """

@@ -9,13 +9,14 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from aiproxy import __version__
 from aiproxy.config import Config, ConfigError, load_config
+from aiproxy.lifecycle import DrainService, ExchangeMonitor, ReloadService
 from aiproxy.logs import text_observer
 from aiproxy.routes import RouteTable, build_routes
 from aiproxy.server import GatewayResource, GatewaySite
@@ -76,8 +77,13 @@ def _problems(path: str, error: ConfigError) -> str:
 
 class GatewayService(MultiService):
     """
-    The whole gateway: listeners over one L{GatewayResource}, the routes'
-    upstream pools closed on stop.
+    The whole gateway: listeners over one L{GatewayResource}, the metrics
+    listener (with C{metrics_listen}), the reload (with a config path) and
+    the drain; on stop the listeners stop, the drain waits for the requests
+    in flight, then the routes' upstream pools are closed.
+
+    @ivar monitor: the L{ExchangeMonitor} every exchange reports to.
+    @ivar metrics: the L{aiproxy.metrics.Metrics}, or L{None}.
     """
 
     def __init__(
@@ -87,21 +93,69 @@ class GatewayService(MultiService):
         reactor: Any,
         listen: list[str] | None = None,
         log_observer: ILogObserver | None = None,
+        config_path: str | None = None,
+        install_signals: bool = False,
     ) -> None:
         """
         @param listen: endpoint strings overriding the config's C{listen}.
         @param log_observer: installed as the application's log observer.
+        @param config_path: the file C{SIGHUP} reloads (no reload without).
+        @param install_signals: handle C{SIGHUP} (reload) and C{SIGTERM}
+            (drain, exit 0) once the reactor runs.
         """
         super().__init__()
         self.config = config
         self.log_observer = log_observer
         self.reactor = reactor
-        self.resource = GatewayResource(table, reactor)
+        self._listen_override = bool(listen)
+        self.metrics = None
+        if config.metrics_listen:
+            from aiproxy.metrics import Metrics
+
+            self.metrics = Metrics()
+        self.monitor = ExchangeMonitor(reactor, self.metrics)
+        self.resource = GatewayResource(table, reactor, self.monitor)
         self.site = GatewaySite(self.resource, reactor=reactor)
+        self.drain = DrainService(
+            self.monitor, reactor, config.shutdown_grace_s, self.site, install_signal=install_signals
+        )
+        self.drain.setServiceParent(self)
         for endpoint in listen or config.listen:
             listener = StreamServerEndpointService(serverFromString(reactor, endpoint), self.site)
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
+        if self.metrics is not None:
+            from aiproxy.metrics import metrics_site
+
+            assert config.metrics_listen is not None
+            listener = StreamServerEndpointService(
+                serverFromString(reactor, config.metrics_listen), metrics_site(self.metrics)
+            )
+            listener._raiseSynchronously = True
+            listener.setServiceParent(self)
+        self.reloader: ReloadService | None = None
+        if config_path is not None:
+            self.reloader = ReloadService(
+                config_path,
+                self.resource,
+                self.monitor,
+                reactor,
+                on_reloaded=self._reloaded,
+                install_signal=install_signals,
+            )
+            self.reloader.setServiceParent(self)
+
+    def _reloaded(self, config: Config) -> None:
+        """
+        A new config is in force: apply C{shutdown_grace_s}, and say which
+        changes need a restart.
+        """
+        self.drain.grace_s = config.shutdown_grace_s
+        if config.listen != self.config.listen and not self._listen_override:
+            log.warn("listen changed in the config: restart aiproxy to apply it")
+        if config.metrics_listen != self.config.metrics_listen:
+            log.warn("metrics_listen changed in the config: restart aiproxy to apply it")
+        self.config = config
 
     def setServiceParent(self, parent: Any) -> None:
         """
@@ -113,7 +167,7 @@ class GatewayService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         d = maybeDeferred(super().stopService)
-        d.addCallback(lambda _: self.resource.table.close())
+        d.addCallback(lambda _: gatherResults([self.resource.table.close(), self.monitor.wait_closed()]))
         return d
 
 
@@ -133,4 +187,6 @@ def makeService(options: Options) -> GatewayService:
         reactor,
         options["listen"],
         text_observer() if default_logging else None,
+        config_path=options["config"],
+        install_signals=True,
     )

@@ -1,0 +1,529 @@
+# -*- test-case-name: tests.test_lifecycle -*-
+"""
+The gateway's life under a service manager: which requests are in flight
+(L{ExchangeMonitor}), reloading the config on C{SIGHUP}
+(L{ReloadService}) and draining on C{SIGTERM} (L{DrainService}).
+
+Reload: the new config is read and checked whole; if valid, new requests
+use the new routes at once while requests in flight finish on the routes
+they started with, and the old routes' upstream connection pools are closed
+after the last of those requests ended; if invalid, every problem is logged
+and the old config stays.
+
+Drain: C{SIGTERM} stops the reactor the usual way, but without re-raising
+the signal (the process exits 0), and the gateway's C{stopService} waits:
+the listeners stop accepting, keep-alive connections are closed once their
+response is complete, requests in flight run on for up to
+C{shutdown_grace_s}, what is left is aborted (a client that got output
+gets its protocol's error event, never a silent cut), and the exit waits
+until the clients' connections have flushed their last bytes and closed. A
+second C{SIGTERM} aborts what is left at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from aiproxy.config import Config, ConfigError, load_config
+from aiproxy.routes import RouteTable, build_routes
+
+__all__ = [
+    "DrainService",
+    "ExchangeMonitor",
+    "IExchangeMonitor",
+    "ReloadService",
+    "SHUTDOWN_REASON",
+]
+
+log = Logger()
+
+#: The C{abort_reason} of requests aborted at the end of a drain.
+SHUTDOWN_REASON = "shutdown"
+
+#: How long the drain waits for client connections to flush and close
+#: after the last request ended, before letting the process exit anyway.
+FLUSH_TIMEOUT_S = 5.0
+
+#: How often the drain looks at the client connections while they close.
+_POLL_S = 0.05
+
+
+class IExchangeMonitor(Interface):
+    """
+    Sees every proxied request (L{aiproxy.proxy.Exchange}) of the gateway:
+    for the drain (which are in flight), the reload (which routes are still
+    used) and the metrics. Called on the reactor thread.
+    """
+
+    in_flight = Attribute("The exchanges started and not ended, in start order (a dict used as a set).")
+
+    def exchange_started(exchange: Any) -> None:
+        """
+        C{exchange} started; it will end with exactly one L{exchange_ended}.
+        """
+
+    def stream_started(exchange: Any) -> Callable[[float], None] | None:
+        """
+        C{exchange} began relaying a streamed response.
+
+        @return: a function to call with the gap (seconds) before each
+            upstream chunk after the first, or L{None} when nobody wants
+            them: the exchange then costs nothing more per chunk.
+        """
+
+    def exchange_ended(exchange: Any, record: Any) -> None:
+        """
+        C{exchange} ended; C{record} is its access record.
+        """
+
+
+@implementer(IExchangeMonitor)
+class ExchangeMonitor:
+    """
+    Tracks the exchanges in flight, closes retired route tables once their
+    last exchange ended, and feeds the metrics (when there are any).
+
+    @ivar metrics: the L{aiproxy.metrics.Metrics}, or L{None} when metrics
+        are off.
+    """
+
+    def __init__(self, clock: IReactorTime, metrics: Any = None) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.in_flight: dict[Any, None] = {}
+        self._streams: set[Any] = set()
+        self._retired: list[tuple[RouteTable, set[Any]]] = []
+        self._idle_waiters: list[Deferred[None]] = []
+        self._closing: list[Deferred[Any]] = []
+
+    # -- exchanges ----------------------------------------------------------
+
+    def exchange_started(self, exchange: Any) -> None:
+        self.in_flight[exchange] = None
+        if self.metrics is not None:
+            self.metrics.exchange_started()
+
+    def stream_started(self, exchange: Any) -> Callable[[float], None] | None:
+        metrics = self.metrics
+        if metrics is None or exchange not in self.in_flight:
+            return None
+        self._streams.add(exchange)
+        metrics.stream_started()
+        return metrics.gap_observer(exchange.route.id)  # type: ignore[no-any-return]
+
+    def exchange_ended(self, exchange: Any, record: Any) -> None:
+        if self.in_flight.pop(exchange, _MISSING) is _MISSING:
+            return
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.exchange_ended()
+            streamed = exchange in self._streams
+            if streamed:
+                self._streams.discard(exchange)
+                metrics.stream_ended()
+            self._observe(exchange, record, streamed)
+        if self._retired:
+            self._release(exchange)
+        if not self.in_flight and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def _observe(self, exchange: Any, record: Any, streamed: bool) -> None:
+        """
+        Count a finished exchange in the metrics, with its timings.
+        """
+        started = exchange.context.started
+        ttft = upstream_ttft = gateway = None
+        first_chunk = exchange.first_chunk_at
+        if streamed and first_chunk is not None:
+            ttft = first_chunk - started
+            sent = exchange.upstream_started_at
+            if sent is not None:
+                upstream_ttft = first_chunk - sent
+                first_output = exchange.first_output_at
+                if first_output is not None:
+                    gateway = (sent - started) + (first_output - first_chunk)
+        self.metrics.observe_record(
+            record,
+            duration=self.clock.seconds() - started,
+            ttft=ttft,
+            upstream_ttft=upstream_ttft,
+            gateway_latency=gateway,
+        )
+
+    # -- draining -----------------------------------------------------------
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        A Deferred that fires when no exchange is in flight (at once if none
+        is). It may be cancelled.
+        """
+        if not self.in_flight:
+            return succeed(None)
+
+        def cancel(d: Deferred[None]) -> None:
+            if d in self._idle_waiters:
+                self._idle_waiters.remove(d)
+
+        waiter: Deferred[None] = Deferred(cancel)
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def abort_all(self, reason: str = SHUTDOWN_REASON) -> int:
+        """
+        Abort every exchange in flight.
+
+        @return: how many were aborted.
+        """
+        exchanges = list(self.in_flight)
+        for exchange in exchanges:
+            try:
+                exchange.abort(reason)
+            except Exception:
+                log.failure("aborting a request failed")
+        return len(exchanges)
+
+    # -- reloading ------------------------------------------------------------
+
+    def retire(self, table: RouteTable) -> None:
+        """
+        C{table} no longer serves new requests: close its upstream pools now
+        if no exchange uses one of its routes, else after the last one
+        ended.
+        """
+        routes = {id(route) for route in table.routes}
+        users = {exchange for exchange in self.in_flight if id(exchange.route) in routes}
+        if users:
+            self._retired.append((table, users))
+        else:
+            self._close(table)
+
+    def _release(self, exchange: Any) -> None:
+        """
+        C{exchange} ended: close the retired tables nobody uses any more.
+        """
+        still: list[tuple[RouteTable, set[Any]]] = []
+        for table, users in self._retired:
+            users.discard(exchange)
+            if users:
+                still.append((table, users))
+            else:
+                self._close(table)
+        self._retired = still
+
+    def _close(self, table: RouteTable) -> None:
+        """
+        Close a table's upstream connection pools.
+        """
+        d = table.close()
+        d.addErrback(lambda f: log.failure("closing retired upstream pools failed", f))
+        self._closing.append(d)
+        d.addBoth(self._closed, d)
+
+    def _closed(self, result: object, d: Deferred[Any]) -> object:
+        if d in self._closing:
+            self._closing.remove(d)
+        return result
+
+    @property
+    def retired_tables(self) -> list[RouteTable]:
+        """
+        The retired tables still waiting for their last exchange.
+        """
+        return [table for table, _ in self._retired]
+
+    def wait_closed(self) -> Deferred[Any]:
+        """
+        Fires when the retired tables' pools being closed are closed.
+        """
+        return gatherResults(list(self._closing))
+
+
+_MISSING = object()
+
+
+class _SignalHandling:
+    """
+    Mixin: install a handler for one signal once the reactor runs (after
+    the reactor's own handlers, so ours wins), calling C{on_signal} on the
+    reactor thread.
+    """
+
+    _signal: int
+    _reactor: Any
+    _install_signal: bool
+
+    def _install_handler(self) -> None:
+        if not self._install_signal:
+            return
+
+        def install() -> None:
+            signal.signal(self._signal, self._handler)
+
+        self._reactor.callWhenRunning(install)
+
+    def _handler(self, number: int, frame: object) -> None:
+        self._reactor.callFromThread(self.on_signal)
+
+    def on_signal(self) -> None:
+        raise NotImplementedError()
+
+
+class ReloadService(_SignalHandling, Service):
+    """
+    Reloads the config on C{SIGHUP} (or L{reload}).
+
+    @ivar path: the config file.
+    """
+
+    _signal = signal.SIGHUP
+
+    def __init__(
+        self,
+        path: str,
+        resource: Any,
+        monitor: ExchangeMonitor,
+        reactor: Any,
+        on_reloaded: Callable[[Config], None] | None = None,
+        install_signal: bool = False,
+        load: Callable[[str], Config] = load_config,
+        build: Callable[[Config, Any], RouteTable] = build_routes,
+    ) -> None:
+        """
+        @param resource: the L{aiproxy.server.GatewayResource} whose table
+            is replaced.
+        @param on_reloaded: called with each new valid config, after the
+            routes were replaced.
+        @param install_signal: handle C{SIGHUP} once the reactor runs.
+        @param load: reads and validates a config file.
+        @param build: builds its route table.
+        """
+        self.path = path
+        self.resource = resource
+        self.monitor = monitor
+        self._reactor = reactor
+        self._on_reloaded = on_reloaded
+        self._install_signal = install_signal
+        self._load = load
+        self._build = build
+        self.reloads = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._install_handler()
+
+    def on_signal(self) -> None:
+        log.info("SIGHUP: reloading {path}", path=self.path)
+        self.reload()
+
+    def reload(self) -> bool:
+        """
+        Read, check and apply the config file.
+
+        @return: whether the new config is in force.
+        """
+        if not self.running:
+            log.warn("not reloading {path}: the gateway is stopping", path=self.path)
+            return False
+        metrics = self.monitor.metrics
+        try:
+            config = self._load(self.path)
+            table = self._build(config, self._reactor)
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused: {problem}", problem=problem, path=self.path)
+            log.error(
+                "invalid configuration {path}: {count} problem(s); still serving the previous configuration",
+                path=self.path,
+                count=len(e.problems),
+            )
+            if metrics is not None:
+                metrics.reloads.labels(result="failure").inc()
+            return False
+        old = self.resource.table
+        self.resource.set_table(table)
+        self.monitor.retire(old)
+        self.reloads += 1
+        if metrics is not None:
+            metrics.reloads.labels(result="success").inc()
+        log.info(
+            "reloaded {path}: {count} route(s); {in_flight} request(s) in flight finish on the previous routes",
+            path=self.path,
+            count=len(table.routes),
+            in_flight=len(self.monitor.in_flight),
+        )
+        if self._on_reloaded is not None:
+            self._on_reloaded(config)
+        return True
+
+
+class DrainService(_SignalHandling, Service):
+    """
+    On stop: stop taking new work, let requests in flight finish for up to
+    C{grace_s}, abort the rest, and wait for the clients' connections to
+    flush and close. Handles C{SIGTERM} by stopping the reactor (which
+    stops the services) without re-raising the signal: the process exits 0.
+
+    @ivar grace_s: C{shutdown_grace_s}; a reload may change it.
+    @ivar draining: the drain began.
+    """
+
+    _signal = signal.SIGTERM
+
+    def __init__(
+        self,
+        monitor: ExchangeMonitor,
+        reactor: Any,
+        grace_s: float,
+        site: Any = None,
+        install_signal: bool = False,
+        flush_timeout_s: float = FLUSH_TIMEOUT_S,
+    ) -> None:
+        """
+        @param reactor: stopped on C{SIGTERM}; its clock times the drain.
+        @param site: the L{aiproxy.server.GatewaySite} whose C{connections}
+            are closed once idle.
+        @param install_signal: handle C{SIGTERM} once the reactor runs.
+        """
+        self.monitor = monitor
+        self._reactor = reactor
+        self.grace_s = grace_s
+        self.site = site
+        self._install_signal = install_signal
+        self.flush_timeout_s = flush_timeout_s
+        self.draining = False
+        self._waiting: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._install_handler()
+
+    def on_signal(self) -> None:
+        """
+        C{SIGTERM}: begin the drain by stopping the reactor; a second one
+        aborts what is left at once.
+        """
+        if self.draining:
+            log.warn("SIGTERM again: aborting {count} request(s) now", count=len(self.monitor.in_flight))
+            self.hurry()
+            return
+        log.info("SIGTERM: shutting down gracefully")
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def hurry(self) -> None:
+        """
+        End the grace period now.
+        """
+        if self._waiting is not None and not self._waiting.called:
+            self._waiting.cancel()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        """
+        Wait for the requests in flight, abort the rest, then wait for the
+        connections to close.
+        """
+        self.draining = True
+        clock = self._reactor
+        monitor = self.monitor
+        started = clock.seconds()
+        count = len(monitor.in_flight)
+        self._close_idle(first=True)
+        if count:
+            log.info(
+                "draining: {count} request(s) in flight, waiting up to {grace} s",
+                count=count,
+                grace=self.grace_s,
+            )
+            self._waiting = monitor.when_idle()
+            timer = clock.callLater(self.grace_s, self.hurry)
+            try:
+                await self._waiting
+            except CancelledError:
+                pass
+            finally:
+                self._waiting = None
+                if timer.active():
+                    timer.cancel()
+            aborted = monitor.abort_all(SHUTDOWN_REASON) if monitor.in_flight else 0
+            if aborted:
+                log.warn(
+                    "shutdown_grace_s ({grace} s) over: aborted {count} request(s)",
+                    grace=self.grace_s,
+                    count=aborted,
+                )
+        await self._connections_closed()
+        log.info(
+            "drained in {seconds:.3f} s ({count} request(s) were in flight)",
+            seconds=clock.seconds() - started,
+            count=count,
+        )
+
+    def _open_channels(self) -> list[Any]:
+        """
+        The HTTP channels of the site's connections still open.
+        """
+        connections = getattr(self.site, "connections", None)
+        if not connections:
+            return []
+        channels = []
+        for protocol in list(connections):
+            channel = getattr(protocol, "_channel", protocol)
+            transport = getattr(channel, "transport", None)
+            if transport is not None and not transport.disconnected:
+                channels.append(channel)
+        return channels
+
+    def _close_idle(self, first: bool = False) -> list[Any]:
+        """
+        Make every connection close after its current response, and close
+        those with no request now.
+
+        @return: the channels still open.
+        """
+        channels = self._open_channels()
+        for channel in channels:
+            if first:
+                channel.persistent = False
+            if not getattr(channel, "requests", None):
+                channel.transport.loseConnection()
+        return channels
+
+    async def _connections_closed(self) -> None:
+        """
+        Wait until the site's connections have flushed what was written and
+        closed (each closes once its last response is complete), for at most
+        C{flush_timeout_s}.
+        """
+        deadline = self._reactor.seconds() + self.flush_timeout_s
+        while self._close_idle():
+            if self._reactor.seconds() >= deadline:
+                log.warn("{count} client connection(s) still open at exit", count=len(self._open_channels()))
+                return
+            await _sleep(self._reactor, _POLL_S)
+
+
+def _sleep(clock: Any, seconds: float) -> Deferred[None]:
+    """
+    A Deferred firing after C{seconds} on C{clock}.
+    """
+    d: Deferred[None] = Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
