@@ -7,10 +7,12 @@ a L{Request} that refuses an oversized body before reading it.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 import weakref
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -20,7 +22,7 @@ from aiproxy.proxy import Exchange
 from aiproxy.request import too_large_message
 from aiproxy.routes import Route, RouteTable
 
-__all__ = ["GatewayRequest", "GatewayResource", "GatewaySite"]
+__all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite"]
 
 def _json_error(message: str) -> bytes:
     return json.dumps({"message": message}).encode("utf-8")
@@ -208,6 +210,54 @@ class GatewayRequest(Request):
         )
 
 
+class GatewayChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel whose refusals of a request head are clean answers,
+    each with a JSON body, C{Connection: close} and an access record: 414
+    for a request line longer than C{MAX_LENGTH} (16 KiB), 431 for a header
+    line that long, more than C{maxHeaders} headers or a head of more than
+    C{totalHeadersSize} bytes, 400 for anything else malformed. Twisted
+    alone answers a bare 400, or closes the connection without a word when
+    one line is too long.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if getattr(self, "_command", None) is None:
+            self._refuse_head(414, "request line too long", "request_line_too_long")
+        else:
+            self._refuse_head(431, "request header fields too large", "request_headers_too_large")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+            self._refuse_head(431, "request header fields too large", "request_headers_too_large")
+        else:
+            self._refuse_head(400, "bad request", "bad_request")
+
+    def _refuse_head(self, status: int, message: str, reason: str) -> None:
+        """
+        Answer C{status} with C{{"message": message}} and close the
+        connection; nothing more is read.
+        """
+        body = _json_error(message)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, HTTPStatus(status).phrase.encode("ascii"), len(body), body)
+        )
+        self.loseConnection()
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        command = getattr(self, "_command", None) or b""
+        path = getattr(self, "_path", None) or b""
+        log_access(_rejection_record(command, path, status, reason=reason, bytes_out=len(body)))
+
+
+def _gateway_channel(factory: Site) -> _GenericHTTPChannelProtocol:
+    """
+    A client connection of the gateway: a L{GatewayChannel} in Twisted's
+    usual protocol wrapper.
+    """
+    return _GenericHTTPChannelProtocol(GatewayChannel())
+
+
 class GatewaySite(Site):
     """
     The gateway's site: L{GatewayRequest}s, and no Twisted access log (the
@@ -215,6 +265,7 @@ class GatewaySite(Site):
     """
 
     requestFactory = GatewayRequest
+    protocol = _gateway_channel  # type: ignore[assignment]
 
     def __init__(self, resource: GatewayResource, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
