@@ -22,11 +22,17 @@ from aiproxy.context import ExchangeContext
 from aiproxy.filters import Reject, Replace, Terminate
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory, IFilterPlugin, IRequestFilter
 from aiproxy.plugins import BUILTIN_PLUGINS, available_plugins
-from aiproxy.protocols import ANTHROPIC_MESSAGES, BEDROCK_CONVERSE, OPENAI_CHAT, OPENAI_EMBEDDINGS, OPENAI_RESPONSES, PASSTHROUGH
+from aiproxy.protocols import (
+    ANTHROPIC_MESSAGES,
+    BEDROCK_CONVERSE,
+    OPENAI_CHAT,
+    OPENAI_EMBEDDINGS,
+    OPENAI_RESPONSES,
+    PASSTHROUGH,
+)
 from aiproxy.sse import SSEDecoder
 from tests.test_proxy import (
     CHAT,
-    CHAT_STREAM,
     DONE,
     Gateway,
     ScriptedFilter,
@@ -688,12 +694,12 @@ class ResponseRedactTests(SynchronousTestCase):
         Several rules, and replacements using groups.
         """
         gateway = self.gateway(
-            rules=[{"pattern": r"sk-\w{4}(\w+)", "replacement": r"sk-****\1"[:7] + "..."}, {"pattern": r"\d{3}-\d{4}", "replacement": "###-####"}]
+            rules=[{"pattern": r"(sk-)\w{8,}", "replacement": r"\1****"}, {"pattern": r"\d{3}-\d{4}", "replacement": "###-####"}]
         )
         upstream = gateway.stream()
         upstream.data(chunk("key sk-abcdefgh call 555-"), chunk("1234 now"), chunk(finish="stop"), DONE)
         upstream.end()
-        self.assertEqual(openai_text(gateway.response().body), "key sk-****... call ###-#### now")
+        self.assertEqual(openai_text(gateway.response().body), "key sk-**** call ###-#### now")
 
     def test_non_stream(self) -> None:
         """
@@ -758,7 +764,7 @@ class CompositionTests(SynchronousTestCase):
         upstream = gateway.stream()
         upstream.data(chunk("a secret b"))
         [sent] = gateway.response().chunks
-        self.assertEqual(sent, chunk("a *** b").replace(b'"logprobs":null,', b'"logprobs":null,') + b"|tagger")
+        self.assertEqual(sent, chunk("a *** b") + b"|tagger")
 
     def test_terminate_stops_chain(self) -> None:
         """

@@ -55,18 +55,17 @@ def _bedrock(body: dict[str, Any], messages: Sequence[Message], front: bool) -> 
     Bedrock Converse: system messages become C{system} blocks, the others
     messages with one text block.
     """
-    system = [{"text": m["content"]} for m in messages if m["role"] == "system"]
-    others = [
+    system: list[Any] = [{"text": m["content"]} for m in messages if m["role"] == "system"]
+    others: list[Any] = [
         {"role": m["role"], "content": [{"text": m["content"]}]}
         for m in messages
         if m["role"] != "system"
     ]
-    if system:
-        current = body.get("system") if isinstance(body.get("system"), list) else []
-        body["system"] = system + current if front else current + system
-    if others:
-        current = body.get("messages") if isinstance(body.get("messages"), list) else []
-        body["messages"] = others + current if front else current + others
+    for key, added in (("system", system), ("messages", others)):
+        if added:
+            current = body.get(key)
+            existing: list[Any] = current if isinstance(current, list) else []
+            body[key] = added + existing if front else existing + added
 
 
 def _responses(body: dict[str, Any], messages: Sequence[Message], front: bool) -> None:

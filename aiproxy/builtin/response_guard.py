@@ -206,7 +206,7 @@ class ResponseGuardFilter(TextStreamFilter):
             return b"data: " + dumps(chunk) + b"\n\ndata: [DONE]\n\n"
         out = []
         if fresh or not self.message_started:
-            message_start = {
+            message_start: dict[str, Any] = {
                 "id": f"msg_{uuid.uuid4().hex}",
                 "type": "message",
                 "role": "assistant",
