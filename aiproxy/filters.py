@@ -94,10 +94,12 @@ class BodyFilterChain:
             return b""
         tail = b""
         for position, body_filter in enumerate(self._filters):
-            result = _checked(body_filter, body_filter.finish(context))
+            result: Replace | Terminate | bytes | None = _checked(
+                body_filter, body_filter.finish(context)
+            )
             if isinstance(result, Replace) and result.data:
                 result = self._through(result.data, position + 1, context)
-                if not isinstance(result, Terminate):
+                if isinstance(result, bytes):
                     tail += result
                     continue
             if isinstance(result, Terminate):

@@ -314,6 +314,7 @@ def error_event(protocol: str, message: str, code: str) -> bytes:
     @param message: the human-readable reason.
     @param code: a machine-readable reason (the abort reason).
     """
+    payload: dict[str, Any]
     if protocol == ANTHROPIC_MESSAGES:
         payload = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"

@@ -312,8 +312,8 @@ def upstream_headers(client_headers: Iterable[tuple[bytes, list[bytes]]], auth: 
         if own_credentials and lower in _CLIENT_CREDENTIALS:
             continue
         headers.setRawHeaders(name, values)
-    for name, value in auth_headers.items():
-        headers.setRawHeaders(name.encode("latin-1"), [value.encode("latin-1")])
+    for header, value in auth_headers.items():
+        headers.setRawHeaders(header.encode("latin-1"), [value.encode("latin-1")])
     headers.setRawHeaders(b"content-type", [b"application/json"])
     return headers
 

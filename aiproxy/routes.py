@@ -175,7 +175,7 @@ def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[
     @raise ConfigError: for a provider this version does not serve, or an
         C{ssl_ca_file} that cannot be read.
     """
-    path = ["routes", index, "plugins", route.proxy_plugin]
+    path: list[str | int] = ["routes", index, "plugins", route.proxy_plugin]
     conf = route.proxy
     if route.proxy_plugin != "ai-proxy":
         raise ConfigError([f"{format_path(path)}: ai-proxy-multi is not supported by this version"])

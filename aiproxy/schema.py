@@ -26,7 +26,7 @@ __all__ = ["format_path", "load_schema", "path_key", "schema_errors", "schema_pr
 _SCHEMA_FILES = ("config", "ai-proxy", "ai-proxy-multi")
 
 
-def _fill_defaults(validator_class: type) -> type:
+def _fill_defaults(validator_class: Any) -> Any:
     """
     Extend a validator class so that validating an object fills in the
     C{default} of every absent property (defaults are deep-copied).
