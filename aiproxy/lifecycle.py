@@ -487,7 +487,7 @@ class DrainService(_SignalHandling, Service):
         for protocol in list(connections):
             channel = getattr(protocol, "_channel", protocol)
             transport = getattr(channel, "transport", None)
-            if transport is not None and not transport.disconnected:
+            if transport is not None and not getattr(transport, "disconnected", False):
                 channels.append(channel)
         return channels
 
