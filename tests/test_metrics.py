@@ -2,15 +2,18 @@
 """
 Tests for L{aiproxy.metrics}: the metric names and labels of SPEC section
 6, counting from access records, bounded model labels, and the exchanges
-feeding them through the monitor (driven by a L{Clock}, without sockets).
+feeding them through the monitor; and the access record's attempts and
+C{logging} extras (driven by a L{Clock}, without sockets).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.wsgi import WSGIResource
@@ -18,6 +21,7 @@ from twisted.web.wsgi import WSGIResource
 from aiproxy.lifecycle import ExchangeMonitor
 from aiproxy.metrics import MODEL_LABEL_LENGTH, Metrics, MetricsSite, metrics_site
 from tests.test_proxy import (
+    API_KEY,
     CHAT,
     CHAT_STREAM,
     DONE,
@@ -397,3 +401,91 @@ class ExchangeMetricsTests(SynchronousTestCase):
         self.assertEqual(vars(exchange)["_stream_chunk"], exchange._timed_chunk)
         upstream.data(delta("a"))
         self.assertEqual(exchange.first_chunk_at, gateway.clock.seconds())
+
+
+class AccessRecordTests(SynchronousTestCase):
+    """
+    The access record's upstream attempts and the route's C{logging}
+    extras (APISIX's C{llm_summary}, C{llm_request}, C{llm_response_text}).
+    """
+
+    def stream(self, gateway: Gateway) -> None:
+        gateway.send(CHAT_STREAM, headers={b"authorization": b"Bearer client-secret"})
+        upstream = gateway.answer(stream_response())
+        gateway.clock.advance(0.25)
+        upstream.data(delta("Hel"), delta("lo"), USAGE, DONE)
+        upstream.end()
+
+    def test_attempts(self) -> None:
+        """
+        One attempt: the instance, the upstream's status and the time from
+        sending the request to the end.
+        """
+        gateway = Gateway(self, make_table())
+        self.stream(gateway)
+        self.assertEqual(
+            gateway.record["attempts"], [{"instance": "ai-proxy-openai", "status": 200, "duration_ms": 250}]
+        )
+
+    def test_attempt_without_response(self) -> None:
+        """
+        An upstream that never answered has an attempt without status.
+        """
+        gateway = Gateway(self, make_table())
+        gateway.send(CHAT)
+        gateway.upstream.deferred.errback(ConnectionRefusedError())
+        self.assertEqual(gateway.record["attempts"][0]["status"], None)
+        self.assertEqual(gateway.record["status"], 502)
+
+    def test_no_attempt(self) -> None:
+        """
+        A request refused before the upstream call has no attempt.
+        """
+        gateway = Gateway(self, make_table())
+        gateway.send(b"not json")
+        self.assertEqual(gateway.record["attempts"], [])
+
+    def test_off_by_default(self) -> None:
+        """
+        Without C{logging} options neither summary nor payloads are logged.
+        """
+        gateway = Gateway(self, make_table())
+        self.stream(gateway)
+        for key in ("llm_summary", "llm_request", "llm_response_text"):
+            self.assertNotIn(key, gateway.record)
+
+    def test_summaries(self) -> None:
+        """
+        C{logging.summaries} adds C{llm_summary}: model, duration, tokens.
+        """
+        gateway = Gateway(self, make_table({"logging": {"summaries": True}}))
+        self.stream(gateway)
+        self.assertEqual(
+            gateway.record["llm_summary"],
+            {
+                "model": "gpt-test",
+                "duration": 250,
+                "prompt_tokens": 7,
+                "completion_tokens": 3,
+                "total_tokens": 10,
+                "upstream_response_time": 0,
+                "stream": True,
+            },
+        )
+        self.assertNotIn("llm_request", gateway.record)
+
+    def test_payloads(self) -> None:
+        """
+        C{logging.payloads} adds the conversation and the streamed answer's
+        text, never a credential (the route's key or the client's
+        C{Authorization}).
+        """
+        gateway = Gateway(self, make_table({"logging": {"payloads": True}}))
+        self.stream(gateway)
+        record = gateway.record
+        self.assertEqual(record["llm_request"], {"model": "gpt-test", "messages": CHAT["messages"], "stream": True})
+        self.assertEqual(record["llm_response_text"], {"content": "Hello"})
+        self.assertNotIn("llm_summary", record)
+        text = json.dumps(record)
+        self.assertNotIn(API_KEY, text)
+        self.assertNotIn("client-secret", text)
