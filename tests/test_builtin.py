@@ -830,3 +830,19 @@ class FilterUnitTests(SynchronousTestCase):
         self.assertEqual(result.status, 200)
         self.assertEqual(body_filter.filter_chunk(chunk("x"), context), Replace(b""))
         self.assertIsNone(body_filter.finish(context))
+
+    def test_rewrite_unusual_escapes(self) -> None:
+        """
+        An event whose text is escaped differently from C{json.dumps}
+        (C{\\/}, upper-case C{\\u} escapes) is re-serialised whole, and
+        stays valid JSON with the redacted text.
+        """
+        factory = configure("ai-response-redact", {"rules": [{"pattern": r"\w+@\w+\.com", "replacement": "[e]"}]})
+        context = ExchangeContext("r", "i", 0.0)
+        context.protocol = OPENAI_CHAT
+        body_filter = factory.body_filter(context)
+        raw = b'data: {"choices":[{"index":0,"delta":{"content":"a\\/b \\u00E9 x@y.com."}}]}\n\n'
+        result = body_filter.filter_chunk(raw, context)
+        self.assertIsInstance(result, Replace)
+        [(_, document)] = decode(result.data)
+        self.assertEqual(document["choices"][0]["delta"]["content"], "a/b \u00e9 [e].")

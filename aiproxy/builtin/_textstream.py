@@ -10,7 +10,8 @@ the upstream's chunk), so it composes behind any filter that replaced the
 bytes. A chunk whose events all pass unchanged, starting and ending at an
 event boundary, goes on as the very same bytes; otherwise the filter sends
 the complete events it has, re-encoded (an event whose text changed gets
-its JSON re-serialised), and keeps an incomplete trailing event until its
+the new text spliced into its JSON, or its JSON re-serialised when the text
+is not written as C{json.dumps} would), and keeps an incomplete trailing event until its
 end arrives. SSE comments inside a changed chunk are not relayed.
 
 Ordering: an event that ends a text (an OpenAI C{finish_reason} or
@@ -228,6 +229,7 @@ class TextStreamFilter:
             tail = self._flush_all()
             return tail + encode_event(event) if tail else None
         changed = False
+        spliced: bytes | None = None
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -245,6 +247,8 @@ class TextStreamFilter:
                 return b""
             if released != text:
                 changed = True
+                if len(choices) == 1 and isinstance(content, str):
+                    spliced = _splice(data, b'"content":', content, released)
                 if not isinstance(delta, dict):
                     delta = choice["delta"] = {}
                 delta["content"] = released
@@ -252,7 +256,7 @@ class TextStreamFilter:
             return None
         if all(_held_only(choice) for choice in choices) and document.get("usage") is None:
             return b""
-        return encode_event(event, dumps(document))
+        return encode_event(event, spliced if spliced is not None else dumps(document))
 
     def _anthropic_event(self, event: SSEEvent) -> bytes | None:
         kind = event.event
@@ -267,8 +271,9 @@ class TextStreamFilter:
                 return None if self._hit is None else b""
             if not released:
                 return b""
+            spliced = _splice(event.data, b'"text":', text, released)
             delta["text"] = released
-            return encode_event(event, dumps(document))
+            return encode_event(event, spliced if spliced is not None else dumps(document))
         if kind == "content_block_stop":
             document = _loads(event.data)
             index = document.get("index", 0) if isinstance(document, dict) else 0
@@ -319,6 +324,25 @@ class TextStreamFilter:
                 holder[key] = released
                 changed = True
         return Replace(dumps(document) if changed else body)
+
+
+def _splice(data: bytes, key: bytes, old: str, new: str) -> bytes | None:
+    """
+    C{data} (a JSON document) with the string value C{old} of C{key}
+    replaced by C{new}, without re-serialising the rest: when the value is
+    written exactly as C{json.dumps} writes it (either escaping mode), once.
+
+    @return: the new data, or L{None} when the value was not found once.
+    """
+    for ensure_ascii in (False, True):
+        needle = key + json.dumps(old, ensure_ascii=ensure_ascii).encode("utf-8")
+        at = data.find(needle)
+        if at >= 0:
+            if data.find(needle, at + 1) >= 0:
+                return None
+            value = json.dumps(new, ensure_ascii=ensure_ascii).encode("utf-8")
+            return data[:at] + key + value + data[at + len(needle) :]
+    return None
 
 
 def _held_only(choice: Any) -> bool:
