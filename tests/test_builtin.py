@@ -846,3 +846,38 @@ class FilterUnitTests(SynchronousTestCase):
         self.assertIsInstance(result, Replace)
         [(_, document)] = decode(result.data)
         self.assertEqual(document["choices"][0]["delta"]["content"], "a/b \u00e9 [e].")
+
+
+class DocsExamplesTests(SynchronousTestCase):
+    """
+    The YAML examples of the plugin documentation are configs aiproxy
+    accepts.
+    """
+
+    def test_examples_load(self) -> None:
+        """
+        Every YAML block of C{docs/plugins.md} and C{docs/plugins/*.md}
+        loads: whole configs as they are, plugin fragments inside a route.
+        """
+        import re
+        from pathlib import Path
+
+        import yaml
+        from twisted.internet.testing import MemoryReactorClock
+
+        from aiproxy.config import parse_config
+        from aiproxy.routes import build_routes
+
+        docs = Path(__file__).resolve().parent.parent / "docs"
+        pages = [docs / "plugins.md", *sorted((docs / "plugins").glob("*.md"))]
+        checked = 0
+        for page in pages:
+            for block in re.findall(r"^```yaml\n(.*?)^```", page.read_text("utf-8"), re.M | re.S):
+                document = yaml.safe_load(block)
+                if "routes" not in document:
+                    proxy = {"provider": "openai", "auth": {"header": {"Authorization": "Bearer k"}}}
+                    document = {"routes": [{"uri": "/v1/chat/completions", "plugins": {"ai-proxy": proxy, **document}}]}
+                config = parse_config(yaml.safe_dump(document), environ={"OPENAI_API_KEY": "sk-x"})
+                build_routes(config, MemoryReactorClock())
+                checked += 1
+        self.assertGreaterEqual(checked, 5)
