@@ -66,6 +66,29 @@ class Options(usage.Options):
             self["routes"] = build_routes(self["parsed"], reactor)
         except ConfigError as e:
             raise usage.UsageError(_problems(self["config"], e)) from None
+        for endpoint in self["listen"] or self["parsed"].listen:
+            problem = _listen_problem(reactor, endpoint)
+            if problem is not None:
+                raise usage.UsageError(problem)
+
+
+def _listen_problem(reactor: Any, endpoint: str) -> str | None:
+    """
+    Why the gateway cannot listen on C{endpoint}, known before listening:
+    chiefly a C{systemd:} endpoint whose socket systemd did not pass (the
+    process was not started by its socket unit, or not as the main process).
+    """
+    try:
+        serverFromString(reactor, endpoint)
+    except (KeyError, IndexError):
+        return (
+            f"cannot listen on {endpoint!r}: no such socket was passed by systemd "
+            "(LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID must name this process; "
+            "start it through its .socket unit)"
+        )
+    except Exception as e:
+        return f"cannot listen on {endpoint!r}: {e}"
+    return None
 
 
 def _problems(path: str, error: ConfigError) -> str:
