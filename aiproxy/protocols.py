@@ -21,6 +21,7 @@ __all__ = [
     "OPENAI_CHAT",
     "OPENAI_EMBEDDINGS",
     "OPENAI_RESPONSES",
+    "NULL_OBSERVER",
     "PASSTHROUGH",
     "detect_protocol",
     "error_event",
@@ -296,6 +297,9 @@ _OBSERVERS: dict[str, _Observer] = {
     OPENAI_RESPONSES: ResponsesObserver(),
 }
 _PASSTHROUGH_OBSERVER = PassthroughObserver()
+
+#: Reads nothing: for frames that are not SSE events (AWS EventStream).
+NULL_OBSERVER = _Observer()
 
 
 def observer_for(protocol: str) -> _Observer:

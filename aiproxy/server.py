@@ -20,6 +20,7 @@ from aiproxy.accesslog import log_access
 from aiproxy.context import ExchangeContext
 from aiproxy.proxy import Exchange
 from aiproxy.request import too_large_message
+from aiproxy.upstream import set_no_delay
 from aiproxy.routes import Route, RouteTable
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite"]
@@ -220,6 +221,11 @@ class GatewayChannel(HTTPChannel):
     alone answers a bare 400, or closes the connection without a word when
     one line is too long.
     """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Small SSE writes go out at once instead of waiting for an ACK.
+        set_no_delay(self.transport)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if getattr(self, "_command", None) is None:

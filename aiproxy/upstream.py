@@ -16,12 +16,26 @@ from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
-__all__ = ["UpstreamClient", "tls_policy"]
+__all__ = ["UpstreamClient", "set_no_delay", "tls_policy"]
+
+
+def set_no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on a TCP transport (small writes go out at
+    once); other transports are left alone.
+    """
+    set_tcp_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_tcp_no_delay is not None:
+        try:
+            set_tcp_no_delay(True)
+        except OSError:
+            pass
 
 
 @implementer(IBodyProducer)
@@ -130,12 +144,25 @@ class _PreparedURL(EncodedURL):
 _URL_CACHE_SIZE = 256
 
 
+class _UpstreamProtocol(HTTP11ClientProtocol):
+    """
+    An upstream HTTP/1.1 connection without Nagle's algorithm.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        set_no_delay(self.transport)
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     """
     Upstream connection factory that does not log every new connection.
     """
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> _UpstreamProtocol:
+        return _UpstreamProtocol(self._quiescentCallback)
 
 
 class _QuietPool(HTTPConnectionPool):
