@@ -37,6 +37,7 @@ from aiproxy.eventstream import EventStreamDecoder
 from aiproxy.filters import BodyFilterChain, Reject, Terminate, open_chain
 from aiproxy.protocols import (
     ANTHROPIC_MESSAGES,
+    NULL_OBSERVER,
     OPENAI_CHAT,
     OPENAI_RESPONSES,
     PASSTHROUGH,
@@ -302,11 +303,12 @@ class Exchange:
         ]
         if content_type.lower().startswith(b"application/vnd.amazon.eventstream"):
             self._decoder = EventStreamDecoder()
+            self._observer = NULL_OBSERVER
             # Binary framing has no comments: every chunk is activity.
             self._idle_counts_all = True
         else:
             self._decoder = SSEDecoder()
-        self._observer = observer_for(context.protocol or PASSTHROUGH)
+            self._observer = observer_for(context.protocol or PASSTHROUGH)
         self._chain = open_chain(self.route.body_filters, context)
         context.wants_text = self._chain is not None or bool((self.conf.get("logging") or {}).get("payloads"))
         self._writer = make_writer(self._send, self.clock, self.conf["streaming_flush_interval_ms"])
