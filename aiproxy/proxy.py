@@ -763,6 +763,9 @@ class Exchange:
         elif failure.check(DNSLookupError, ConnectError):
             log.warn("connecting upstream failed: {error}", error=failure.getErrorMessage())
             self._cut("upstream_error", 502, f"failed to connect to upstream: {failure.getErrorMessage()}")
+        elif (tls := _tls_failure(failure)) is not None:
+            log.warn("TLS with upstream failed: {error}", error=tls)
+            self._cut("upstream_error", 502, f"TLS with upstream failed: {tls}")
         else:
             log.warn("upstream request failed: {error}", error=_describe(failure))
             self._cut("upstream_error", 502, "upstream closed the connection without a response")
@@ -946,6 +949,26 @@ def _cancelled(failure: Failure) -> bool:
     """
     reasons = getattr(failure.value, "reasons", None) or []
     return any(r.check(CancelledError) for r in reasons)
+
+
+#: The failures of a TLS handshake or of the certificate's name check.
+_TLS_ERRORS = ("OpenSSL.SSL.Error", "service_identity.exceptions.VerificationError")
+
+
+def _tls_failure(failure: Failure) -> str | None:
+    """
+    What went wrong with TLS when C{failure} is (or wraps) a TLS failure,
+    as C{certificate verify failed}; else L{None}.
+    """
+    for reason in [failure, *(getattr(failure.value, "reasons", None) or [])]:
+        if reason.check(*_TLS_ERRORS):
+            entries = reason.value.args[0] if reason.value.args else None
+            if isinstance(entries, list):
+                details = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry and entry[-1]]
+                if details:
+                    return "; ".join(details)
+            return reason.getErrorMessage()
+    return None
 
 
 def _describe(failure: Failure) -> str:
