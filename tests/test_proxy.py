@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError, ConnectingCancelledError
+from twisted.internet.error import (
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -88,7 +93,13 @@ def delta(text: str, model: str = "gpt-test-0") -> bytes:
     return sse({"model": model, "choices": [{"index": 0, "delta": {"content": text}}]})
 
 
-USAGE = sse({"model": "gpt-test-0", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}})
+USAGE = sse(
+    {
+        "model": "gpt-test-0",
+        "choices": [],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+)
 DONE = sse("[DONE]")
 
 
@@ -169,7 +180,9 @@ def stream_response(**headers: bytes) -> FakeResponse:
     return FakeResponse(200, base)
 
 
-def json_response(body: bytes, code: int = 200, content_type: bytes = b"application/json", **kw: Any) -> FakeResponse:
+def json_response(
+    body: bytes, code: int = 200, content_type: bytes = b"application/json", **kw: Any
+) -> FakeResponse:
     """
     A non-streamed response whose headers say C{content_type}.
     """
@@ -257,7 +270,13 @@ def make_table(
             "override": {"endpoint": ENDPOINT},
         }
         conf.update(proxy or {})
-        routes = [{"id": "chat", "uri": "/v1/chat/completions", "plugins": {"ai-proxy": conf, **(plugins or {})}}]
+        routes = [
+            {
+                "id": "chat",
+                "uri": "/v1/chat/completions",
+                "plugins": {"ai-proxy": conf, **(plugins or {})},
+            }
+        ]
     document = {"routes": list(routes)}
     schemas: dict[str, Any] = {name: load_schema(name) for name in PROXY_PLUGINS}
     schemas.update({name: plugin.config_schema for name, plugin in available.items()})
@@ -346,9 +365,15 @@ def request_bytes(
     A complete HTTP/1.1 request; a C{dict} body is sent as JSON.
     """
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
-    all_headers = {b"host": b"gateway.test", b"content-type": b"application/json", b"content-length": b"%d" % len(raw)}
+    all_headers = {
+        b"host": b"gateway.test",
+        b"content-type": b"application/json",
+        b"content-length": b"%d" % len(raw),
+    }
     all_headers.update(headers or {})
-    lines = [method + b" " + path + b" HTTP/1.1"] + [name + b": " + value for name, value in all_headers.items()]
+    lines = [method + b" " + path + b" HTTP/1.1"] + [
+        name + b": " + value for name, value in all_headers.items()
+    ]
     return b"\r\n".join(lines) + b"\r\n\r\n" + raw
 
 
@@ -440,7 +465,9 @@ class Gateway:
         return bool(self.transport.disconnecting)
 
     def access_records(self) -> list[dict[str, Any]]:
-        return [e["access_record"] for e in self.events if e.get("log_namespace") == ACCESS_NAMESPACE]
+        return [
+            e["access_record"] for e in self.events if e.get("log_namespace") == ACCESS_NAMESPACE
+        ]
 
     @property
     def record(self) -> dict[str, Any]:
@@ -583,7 +610,9 @@ class UpstreamRequestTests(SynchronousTestCase):
         self.assertEqual(call.method, "POST")
         self.assertEqual(call.url, ENDPOINT)
         self.assertEqual(call.body, raw)
-        self.assertEqual(call.headers.getRawHeaders(b"authorization"), [f"Bearer {API_KEY}".encode()])
+        self.assertEqual(
+            call.headers.getRawHeaders(b"authorization"), [f"Bearer {API_KEY}".encode()]
+        )
         self.assertEqual(call.headers.getRawHeaders(b"x-custom"), [b"1"])
         self.assertEqual(call.headers.getRawHeaders(b"content-type"), [b"application/json"])
         self.assertIsNone(call.headers.getRawHeaders(b"host"))
@@ -669,7 +698,9 @@ class ResponseStartTests(SynchronousTestCase):
         """
         gateway = Gateway(self, make_table())
         gateway.send(CHAT_STREAM)
-        upstream = gateway.answer(FakeResponse(203, {b"content-type": [b"text/event-stream; charset=utf-8"]}))
+        upstream = gateway.answer(
+            FakeResponse(203, {b"content-type": [b"text/event-stream; charset=utf-8"]})
+        )
         upstream.data(DONE)
         upstream.end()
         response = gateway.response()
@@ -700,7 +731,9 @@ class ResponseStartTests(SynchronousTestCase):
         """
         gateway = Gateway(self, make_table())
         gateway.send()
-        body = b'{"model":"gpt-test-0","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+        body = (
+            b'{"model":"gpt-test-0","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+        )
         upstream = gateway.answer(json_response(body))
         upstream.data(body[:20], body[20:])
         self.assertEqual(gateway.raw, b"")
@@ -947,7 +980,9 @@ class DurationLimitTests(SynchronousTestCase):
         and the connection is closed without the terminating chunk, even
         though the upstream stays silent.
         """
-        gateway = Gateway(self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 0}))
+        gateway = Gateway(
+            self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 0})
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"))
         gateway.clock.advance(1)
@@ -967,7 +1002,9 @@ class DurationLimitTests(SynchronousTestCase):
         """
         In interval mode what was pending is written before the error event.
         """
-        gateway = Gateway(self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 2000}))
+        gateway = Gateway(
+            self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 2000})
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"), delta("b"))
         gateway.clock.advance(1)
@@ -1031,7 +1068,9 @@ class ResponseBytesTests(SynchronousTestCase):
         """
         Crossing the limit after output: error event, closed connection.
         """
-        gateway = Gateway(self, make_table({"max_response_bytes": 300, "streaming_flush_interval_ms": 0}))
+        gateway = Gateway(
+            self, make_table({"max_response_bytes": 300, "streaming_flush_interval_ms": 0})
+        )
         upstream = gateway.stream()
         first = delta("x" * 150)
         upstream.data(first, delta("y" * 150))
@@ -1236,7 +1275,9 @@ class UpstreamErrorTests(SynchronousTestCase):
         """
         gateway = Gateway(self, make_table())
         gateway.send()
-        gateway.upstream.deferred.errback(Failure(ResponseNeverReceived([Failure(ConnectionLost())])))
+        gateway.upstream.deferred.errback(
+            Failure(ResponseNeverReceived([Failure(ConnectionLost())]))
+        )
         response = gateway.response()
         self.assertEqual(response.status, 502)
         self.assertIn("message", response.json())
@@ -1322,7 +1363,9 @@ class BodyFilterTests(SynchronousTestCase):
         A filter returning L{None} leaves the chunk alone.
         """
         observer = ScriptedFilter()
-        gateway = Gateway(self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), observer))
+        gateway = Gateway(
+            self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), observer)
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"), DONE)
         upstream.end()
@@ -1333,8 +1376,12 @@ class BodyFilterTests(SynchronousTestCase):
         """
         A L{Replace} is sent instead; C{Replace(b"")} holds the chunk back.
         """
-        replacing = ScriptedFilter(lambda chunk, context: Replace(b"" if b"hide" in chunk else chunk.upper()))
-        gateway = Gateway(self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), replacing))
+        replacing = ScriptedFilter(
+            lambda chunk, context: Replace(b"" if b"hide" in chunk else chunk.upper())
+        )
+        gateway = Gateway(
+            self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), replacing)
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"), delta("hide"), DONE)
         upstream.end()
@@ -1345,7 +1392,11 @@ class BodyFilterTests(SynchronousTestCase):
         A L{Terminate} before any output gives its status and body; the
         upstream is stopped.
         """
-        stop = ScriptedFilter(lambda chunk, context: Terminate(b'{"message":"no"}', 451, "application/json", "moderated"))
+        stop = ScriptedFilter(
+            lambda chunk, context: Terminate(
+                b'{"message":"no"}', 451, "application/json", "moderated"
+            )
+        )
         gateway = Gateway(self, with_body_filters(make_table(), stop))
         upstream = gateway.stream()
         upstream.data(delta("bad"))
@@ -1361,8 +1412,12 @@ class BodyFilterTests(SynchronousTestCase):
         A L{Terminate} after output sends its bytes last and ends the
         response; the upstream is stopped and no filter runs again.
         """
-        stop = ScriptedFilter(lambda chunk, context: Terminate(b"data: refused\n\n") if b"bad" in chunk else None)
-        gateway = Gateway(self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), stop))
+        stop = ScriptedFilter(
+            lambda chunk, context: Terminate(b"data: refused\n\n") if b"bad" in chunk else None
+        )
+        gateway = Gateway(
+            self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), stop)
+        )
         upstream = gateway.stream()
         upstream.data(delta("ok"), delta("bad"))
         upstream.data(delta("after"))
@@ -1380,7 +1435,9 @@ class BodyFilterTests(SynchronousTestCase):
         returns are sent before the end.
         """
         tail = ScriptedFilter(on_finish=lambda context: Replace(b": held back\n\n"))
-        gateway = Gateway(self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), tail))
+        gateway = Gateway(
+            self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), tail)
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"), DONE)
         upstream.end()
@@ -1413,7 +1470,11 @@ class BodyFilterTests(SynchronousTestCase):
         route's config; each sees the previous one's output.
         """
         plugins = [TaggingPlugin("low", 10), TaggingPlugin("high", 100)]
-        table = make_table({"streaming_flush_interval_ms": 0}, plugins={"low": {}, "high": {}}, filter_plugins=plugins)
+        table = make_table(
+            {"streaming_flush_interval_ms": 0},
+            plugins={"low": {}, "high": {}},
+            filter_plugins=plugins,
+        )
         gateway = Gateway(self, table)
         upstream = gateway.stream()
         upstream.data(b"data: x\n\n")
@@ -1425,7 +1486,9 @@ class BodyFilterTests(SynchronousTestCase):
         the done flag and the time to first token.
         """
         observer = ScriptedFilter()
-        gateway = Gateway(self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), observer))
+        gateway = Gateway(
+            self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), observer)
+        )
         gateway.send(CHAT_STREAM)
         gateway.clock.advance(0.25)
         upstream = gateway.answer(stream_response())
@@ -1436,7 +1499,9 @@ class BodyFilterTests(SynchronousTestCase):
         self.assertEqual(len(seen), 4)
         self.assertEqual([len(s["events"]) for s in seen], [2, 0, 2, 1])
         self.assertEqual(seen[0]["events"][0], ("message", delta("Hel")[6:-2]))
-        self.assertEqual([s["text"] for s in seen], ["Hello", "Hello", "Hello world", "Hello world"])
+        self.assertEqual(
+            [s["text"] for s in seen], ["Hello", "Hello", "Hello world", "Hello world"]
+        )
         self.assertEqual([s["usage"] is not None for s in seen], [False, False, True, True])
         self.assertEqual(seen[2]["usage"]["total_tokens"], 10)
         self.assertEqual([s["done"] for s in seen], [False, False, False, True])
@@ -1450,7 +1515,11 @@ class BodyFilterTests(SynchronousTestCase):
         then the final call; a replacement gets the right length.
         """
         body = json.dumps(
-            {"model": "m", "choices": [{"message": {"role": "assistant", "content": "Hi!"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+            {
+                "model": "m",
+                "choices": [{"message": {"role": "assistant", "content": "Hi!"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+            }
         ).encode()
         observer = ScriptedFilter(lambda chunk, context: Replace(chunk + b"  "))
         gateway = Gateway(self, with_body_filters(make_table(), observer))
@@ -1491,7 +1560,12 @@ class BodyFilterTests(SynchronousTestCase):
             if b"boom" in chunk:
                 raise ValueError("filter bug")
 
-        gateway = Gateway(self, with_body_filters(make_table({"streaming_flush_interval_ms": 0}), ScriptedFilter(explode)))
+        gateway = Gateway(
+            self,
+            with_body_filters(
+                make_table({"streaming_flush_interval_ms": 0}), ScriptedFilter(explode)
+            ),
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"), delta("boom"))
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
@@ -1530,7 +1604,10 @@ class AccessRecordTests(SynchronousTestCase):
         self.assertEqual(record["llm_model"], "gpt-test")
         self.assertEqual(record["llm_time_to_first_token"], 300)
         self.assertEqual(record["upstream_response_time"], 100)
-        self.assertEqual((record["prompt_tokens"], record["completion_tokens"], record["total_tokens"]), (7, 3, 10))
+        self.assertEqual(
+            (record["prompt_tokens"], record["completion_tokens"], record["total_tokens"]),
+            (7, 3, 10),
+        )
         self.assertEqual(record["bytes_in"], len(request))
         self.assertEqual(record["bytes_out"], sum(map(len, chunks)))
         self.assertFalse(record["llm_has_tool_calls"])
@@ -1547,7 +1624,9 @@ class AccessRecordTests(SynchronousTestCase):
         body = json.dumps(
             {
                 "model": "forced-2024",
-                "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}}],
+                "choices": [
+                    {"message": {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}}
+                ],
                 "usage": {
                     "prompt_tokens": 20,
                     "completion_tokens": 5,
@@ -1585,10 +1664,6 @@ class AccessRecordTests(SynchronousTestCase):
         upstream.end()
         self.assertEqual(gateway.record["llm_model"], "forced")
 
-    test_llm_model_non_stream.todo = (  # type: ignore[attr-defined]
-        "aiproxy.protocols._Observer.read_document overwrites llm_model with the response's model"
-    )
-
     def test_llm_model_stream(self) -> None:
         """
         For a stream too, C{llm_model} is the model sent upstream.
@@ -1603,7 +1678,9 @@ class AccessRecordTests(SynchronousTestCase):
         """
         A cut stream whose connection then closes is recorded once.
         """
-        gateway = Gateway(self, make_table({"max_response_bytes": 50, "streaming_flush_interval_ms": 0}))
+        gateway = Gateway(
+            self, make_table({"max_response_bytes": 50, "streaming_flush_interval_ms": 0})
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"), delta("b"))
         gateway.disconnect()
@@ -1615,12 +1692,18 @@ class AccessRecordTests(SynchronousTestCase):
         Neither the route's header key nor its query key appears in any log
         event, whatever happened to the request.
         """
-        proxy = {"auth": {"header": {"Authorization": f"Bearer {API_KEY}"}, "query": {"key": API_KEY}}}
+        proxy = {
+            "auth": {"header": {"Authorization": f"Bearer {API_KEY}"}, "query": {"key": API_KEY}}
+        }
         gateway = Gateway(self, make_table(proxy))
         scenarios: list[Callable[[], None]] = [
             lambda: gateway.answer(stream_response()).data(delta("a"), USAGE, DONE),
-            lambda: gateway.upstream.deferred.errback(Failure(ConnectionRefusedError("upstream.test"))),
-            lambda: gateway.answer(stream_response()).end(ResponseFailed([Failure(ConnectionLost())])),
+            lambda: gateway.upstream.deferred.errback(
+                Failure(ConnectionRefusedError("upstream.test"))
+            ),
+            lambda: gateway.answer(stream_response()).end(
+                ResponseFailed([Failure(ConnectionLost())])
+            ),
             lambda: gateway.disconnect(),
         ]
         for scenario in scenarios:

@@ -34,7 +34,13 @@ def route(route_id: str, uri: str, **extra: Any) -> dict[str, Any]:
     document: dict[str, Any] = {
         "id": route_id,
         "uri": uri,
-        "plugins": {"ai-proxy": {"provider": "openai", "auth": {"header": {"x-api-key": "k"}}, "override": {"endpoint": ENDPOINT}}},
+        "plugins": {
+            "ai-proxy": {
+                "provider": "openai",
+                "auth": {"header": {"x-api-key": "k"}},
+                "override": {"endpoint": ENDPOINT},
+            }
+        },
     }
     document.update(extra)
     return document
@@ -53,7 +59,13 @@ class TooLargeTests(SynchronousTestCase):
     """
 
     def headers_only(self, length: int, **extra: bytes) -> bytes:
-        head = request_bytes(b"", headers={b"content-length": b"%d" % length, **{k.encode(): v for k, v in extra.items()}})
+        head = request_bytes(
+            b"",
+            headers={
+                b"content-length": b"%d" % length,
+                **{k.encode(): v for k, v in extra.items()},
+            },
+        )
         return head
 
     def test_from_content_length(self) -> None:
@@ -71,7 +83,10 @@ class TooLargeTests(SynchronousTestCase):
         self.assertTrue(gateway.closed)
         self.assertEqual(gateway.client.calls, [])
         record = gateway.record
-        self.assertEqual((record["status"], record["route_id"], record["abort_reason"]), (413, "chat", "request_too_large"))
+        self.assertEqual(
+            (record["status"], record["route_id"], record["abort_reason"]),
+            (413, "chat", "request_too_large"),
+        )
         self.assertTrue(ACCESS_KEYS <= set(record), ACCESS_KEYS - set(record))
         self.assertEqual(record["instance"], "ai-proxy-openai")
         self.assertEqual(record["bytes_out"], len(response.body))
@@ -103,7 +118,9 @@ class TooLargeTests(SynchronousTestCase):
         A chunked body is refused while it is read, once it passes the limit.
         """
         gateway = Gateway(self, make_table({"max_req_body_size": 100}))
-        head = request_bytes(b"", headers={b"transfer-encoding": b"chunked"}).replace(b"content-length: 0\r\n", b"")
+        head = request_bytes(b"", headers={b"transfer-encoding": b"chunked"}).replace(
+            b"content-length: 0\r\n", b""
+        )
         gateway.channel.dataReceived(head)
         gateway.channel.dataReceived(b"3c\r\n" + b"x" * 60 + b"\r\n")
         self.assertEqual(gateway.raw, b"")
@@ -120,7 +137,9 @@ class TooLargeTests(SynchronousTestCase):
         """
         gateway = Gateway(self, make_table({"max_req_body_size": 1000}))
         body = json.dumps(CHAT).encode()
-        head = request_bytes(b"", headers={b"transfer-encoding": b"chunked"}).replace(b"content-length: 0\r\n", b"")
+        head = request_bytes(b"", headers={b"transfer-encoding": b"chunked"}).replace(
+            b"content-length: 0\r\n", b""
+        )
         gateway.channel.dataReceived(head + chunked(body[:10], body[10:]))
         self.assertEqual(gateway.upstream.body, body)
 
@@ -202,7 +221,9 @@ class RoutingTests(SynchronousTestCase):
         """
         A path whose only route excludes the method: 404.
         """
-        gateway = Gateway(self, make_table(routes=[route("only-post", "/v1/chat/completions", methods=["POST"])]))
+        gateway = Gateway(
+            self, make_table(routes=[route("only-post", "/v1/chat/completions", methods=["POST"])])
+        )
         gateway.send(path=b"/v1/chat/completions", method=b"PUT")
         self.assertEqual(gateway.response().status, 404)
 
@@ -252,7 +273,8 @@ class RequestErrorTests(SynchronousTestCase):
         gateway, response = self.answer(b"{}", b"text/plain")
         self.assertEqual(response.status, 400)
         self.assertEqual(
-            response.json(), {"message": "unsupported content-type: text/plain, only application/json is supported"}
+            response.json(),
+            {"message": "unsupported content-type: text/plain, only application/json is supported"},
         )
         self.assertEqual(gateway.client.calls, [])
         self.assertEqual(gateway.record["status"], 400)
@@ -286,7 +308,9 @@ class RequestErrorTests(SynchronousTestCase):
         """
         gateway, response = self.answer(b'{"messages": [')
         self.assertEqual(response.status, 400)
-        self.assertTrue(response.json()["message"].startswith("could not parse JSON request body: "))
+        self.assertTrue(
+            response.json()["message"].startswith("could not parse JSON request body: ")
+        )
         self.assertEqual(gateway.client.calls, [])
 
     def test_empty_object(self) -> None:
