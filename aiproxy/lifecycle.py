@@ -64,7 +64,9 @@ class IExchangeMonitor(Interface):
     used) and the metrics. Called on the reactor thread.
     """
 
-    in_flight = Attribute("The exchanges started and not ended, in start order (a dict used as a set).")
+    in_flight = Attribute(
+        "The exchanges started and not ended, in start order (a dict used as a set)."
+    )
 
     def exchange_started(exchange: Any) -> None:
         """
@@ -415,7 +417,9 @@ class DrainService(_SignalHandling, Service):
         aborts what is left at once.
         """
         if self.draining:
-            log.warn("SIGTERM again: aborting {count} request(s) now", count=len(self.monitor.in_flight))
+            log.warn(
+                "SIGTERM again: aborting {count} request(s) now", count=len(self.monitor.in_flight)
+            )
             self.hurry()
             return
         log.info("SIGTERM: shutting down gracefully")
@@ -515,7 +519,10 @@ class DrainService(_SignalHandling, Service):
         deadline = self._reactor.seconds() + self.flush_timeout_s
         while self._close_idle():
             if self._reactor.seconds() >= deadline:
-                log.warn("{count} client connection(s) still open at exit", count=len(self._open_channels()))
+                log.warn(
+                    "{count} client connection(s) still open at exit",
+                    count=len(self._open_channels()),
+                )
                 return
             await _sleep(self._reactor, _POLL_S)
 

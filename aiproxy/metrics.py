@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 __all__ = [
@@ -36,7 +36,25 @@ MODEL_LABEL_LENGTH = 64
 MAX_MODELS = 200
 
 #: Request durations: from a few milliseconds to the longest streams.
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
 
 #: Times to first token.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60)
@@ -72,7 +90,9 @@ class Metrics:
         with C{prometheus_client.generate_latest(metrics.registry)}.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, max_models: int = MAX_MODELS) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, max_models: int = MAX_MODELS
+    ) -> None:
         self.registry = registry = registry if registry is not None else CollectorRegistry()
         self._max_models = max_models
         self._models: set[str] = set()
@@ -275,7 +295,7 @@ class MetricsSite(Site):
         """
 
 
-def metrics_site(metrics: Metrics, resource: Resource | None = None) -> MetricsSite:
+def metrics_site(metrics: Metrics, resource: IResource | None = None) -> MetricsSite:
     """
     A site serving C{metrics}' registry at C{/metrics} (and 404 elsewhere)
     with C{prometheus_client}'s Twisted resource.

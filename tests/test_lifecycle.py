@@ -23,7 +23,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aiproxy.config import load_config, parse_config
-from aiproxy.lifecycle import SHUTDOWN_REASON, DrainService, ExchangeMonitor, IExchangeMonitor, ReloadService
+from aiproxy.lifecycle import (
+    SHUTDOWN_REASON,
+    DrainService,
+    ExchangeMonitor,
+    IExchangeMonitor,
+    ReloadService,
+)
 from aiproxy.metrics import Metrics
 from aiproxy.routes import RouteTable, build_routes
 from aiproxy.tap import GatewayService
@@ -86,7 +92,9 @@ def fake_build(config: Any, reactor: Any) -> RouteTable:
     return with_closing_clients(build_routes(config, MemoryReactorClock()))
 
 
-def monitored(testcase: SynchronousTestCase, table: RouteTable, metrics: Metrics | None = None) -> tuple[Gateway, ExchangeMonitor]:
+def monitored(
+    testcase: SynchronousTestCase, table: RouteTable, metrics: Metrics | None = None
+) -> tuple[Gateway, ExchangeMonitor]:
     """
     A test L{Gateway} whose exchanges report to a new monitor.
     """
@@ -319,18 +327,30 @@ class ReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = Path(self.mktemp())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.write({"routes": [route_document("old", "/v1/chat/completions", streaming_flush_interval_ms=0)]})
+        self.write(
+            {
+                "routes": [
+                    route_document("old", "/v1/chat/completions", streaming_flush_interval_ms=0)
+                ]
+            }
+        )
         self.table = fake_build(load_config(str(self.path)), None)
         self.gateway, self.monitor = monitored(self, self.table)
         self.reloaded: list[Any] = []
         self.reloader = ReloadService(
-            str(self.path), self.gateway.resource, self.monitor, MemoryReactorClock(),
-            on_reloaded=self.reloaded.append, build=fake_build,
+            str(self.path),
+            self.gateway.resource,
+            self.monitor,
+            MemoryReactorClock(),
+            on_reloaded=self.reloaded.append,
+            build=fake_build,
         )
         self.reloader.startService()
 
     def write(self, document: Any) -> None:
-        self.path.write_text(document if isinstance(document, str) else yaml.safe_dump(document), encoding="utf-8")
+        self.path.write_text(
+            document if isinstance(document, str) else yaml.safe_dump(document), encoding="utf-8"
+        )
 
     def test_new_routes(self) -> None:
         """
@@ -366,14 +386,22 @@ class ReloadTests(SynchronousTestCase):
         and the routes stay.
         """
         events: list[dict[str, Any]] = self.gateway.events
-        self.write({"routes": [route_document("bad", "/v1/chat/completions", streaming_flush_interval_ms=-1)]})
+        self.write(
+            {
+                "routes": [
+                    route_document("bad", "/v1/chat/completions", streaming_flush_interval_ms=-1)
+                ]
+            }
+        )
         self.assertFalse(self.reloader.reload())
         self.assertIs(self.gateway.resource.table, self.table)
         self.assertEqual(self.reloaded, [])
         errors = [e for e in events if e.get("log_level") == LogLevel.error and "problem" in e]
         self.assertEqual(
             [e["problem"] for e in errors],
-            ["routes[0].plugins.ai-proxy.streaming_flush_interval_ms: -1 is less than the minimum of 0"],
+            [
+                "routes[0].plugins.ai-proxy.streaming_flush_interval_ms: -1 is less than the minimum of 0"
+            ],
         )
         self.assertEqual(self.table.routes[0].client.closed, 0)  # type: ignore[attr-defined]
 
@@ -567,7 +595,9 @@ class SignalTests(SynchronousTestCase):
         """
         reactor = FakeReactor()
         drain = DrainService(ExchangeMonitor(reactor), reactor, 30.0, install_signal=True)
-        reloader = ReloadService("x.yaml", None, ExchangeMonitor(reactor), reactor, install_signal=True)
+        reloader = ReloadService(
+            "x.yaml", None, ExchangeMonitor(reactor), reactor, install_signal=True
+        )
         drain.startService()
         reloader.startService()
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # type: ignore[operator]
@@ -641,7 +671,9 @@ class GatewayServiceTests(SynchronousTestCase):
         """
         reactor = MemoryReactorClock()
         config = self.config(metrics_listen="tcp:9191:interface=127.0.0.1")
-        service = GatewayService(config, fake_build(config, reactor), reactor, ["tcp:0"], config_path="x.yaml")
+        service = GatewayService(
+            config, fake_build(config, reactor), reactor, ["tcp:0"], config_path="x.yaml"
+        )
         self.assertIsNotNone(service.metrics)
         self.assertIs(service.monitor.metrics, service.metrics)
         service.startService()

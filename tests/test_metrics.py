@@ -90,7 +90,9 @@ class MetricNamesTests(SynchronousTestCase):
         SPEC's families with their types and label names.
         """
         metrics = Metrics()
-        metrics.observe_record({**RECORD, "abort_reason": "client_disconnect"}, duration=1.0, ttft=0.1)
+        metrics.observe_record(
+            {**RECORD, "abort_reason": "client_disconnect"}, duration=1.0, ttft=0.1
+        )
         found = families(metrics)
         expected = {
             "aiproxy_requests": ("counter", {"route", "instance", "status", "request_type"}),
@@ -105,8 +107,14 @@ class MetricNamesTests(SynchronousTestCase):
             names = {key for sample in found[name].samples for key in sample.labels} - {"le"}
             self.assertEqual(names, labels, name)
         self.assertEqual(
-            value(metrics, "aiproxy_requests_total", route="chat", instance="ai-proxy-openai", status="200",
-                  request_type="ai_stream"),
+            value(
+                metrics,
+                "aiproxy_requests_total",
+                route="chat",
+                instance="ai-proxy-openai",
+                status="200",
+                request_type="ai_stream",
+            ),
             1.0,
         )
 
@@ -135,8 +143,16 @@ class MetricNamesTests(SynchronousTestCase):
         first, second = Metrics(), Metrics()
         first.observe_record(RECORD)
         self.assertIsNot(first.registry, second.registry)
-        self.assertIsNone(value(second, "aiproxy_requests_total", route="chat", instance="ai-proxy-openai",
-                                status="200", request_type="ai_stream"))
+        self.assertIsNone(
+            value(
+                second,
+                "aiproxy_requests_total",
+                route="chat",
+                instance="ai-proxy-openai",
+                status="200",
+                request_type="ai_stream",
+            )
+        )
         self.assertNotIn(b"aiproxy_", generate_latest(REGISTRY))
 
 
@@ -153,11 +169,21 @@ class RecordTests(SynchronousTestCase):
         metrics = Metrics()
         metrics.observe_record(RECORD)
         metrics.observe_record(RECORD)
-        self.assertEqual(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="prompt"), 14.0)
-        self.assertEqual(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="completion"), 6.0)
-        self.assertEqual(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="cache_read"), 4.0)
-        self.assertEqual(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="reasoning"), 2.0)
-        self.assertIsNone(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="cache_creation"))
+        self.assertEqual(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="prompt"), 14.0
+        )
+        self.assertEqual(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="completion"), 6.0
+        )
+        self.assertEqual(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="cache_read"), 4.0
+        )
+        self.assertEqual(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="reasoning"), 2.0
+        )
+        self.assertIsNone(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="cache_creation")
+        )
 
     def test_bytes_and_abort(self) -> None:
         """
@@ -175,14 +201,32 @@ class RecordTests(SynchronousTestCase):
         are not.
         """
         metrics = Metrics()
-        metrics.observe_record(RECORD, duration=1.5, ttft=0.2, upstream_ttft=0.15, gateway_latency=0.001)
+        metrics.observe_record(
+            RECORD, duration=1.5, ttft=0.2, upstream_ttft=0.15, gateway_latency=0.001
+        )
         metrics.observe_record({**RECORD, "request_type": "ai_chat"}, duration=0.5)
-        self.assertEqual(value(metrics, "aiproxy_request_duration_seconds_count", route="chat",
-                               request_type="ai_stream"), 1.0)
-        self.assertEqual(value(metrics, "aiproxy_request_duration_seconds_sum", route="chat",
-                               request_type="ai_stream"), 1.5)
+        self.assertEqual(
+            value(
+                metrics,
+                "aiproxy_request_duration_seconds_count",
+                route="chat",
+                request_type="ai_stream",
+            ),
+            1.0,
+        )
+        self.assertEqual(
+            value(
+                metrics,
+                "aiproxy_request_duration_seconds_sum",
+                route="chat",
+                request_type="ai_stream",
+            ),
+            1.5,
+        )
         self.assertEqual(value(metrics, "aiproxy_ttft_seconds_count", route="chat"), 1.0)
-        self.assertEqual(value(metrics, "aiproxy_ttft_seconds_bucket", route="chat", le="0.25"), 1.0)
+        self.assertEqual(
+            value(metrics, "aiproxy_ttft_seconds_bucket", route="chat", le="0.25"), 1.0
+        )
         self.assertEqual(value(metrics, "aiproxy_ttft_seconds_bucket", route="chat", le="0.1"), 0.0)
         self.assertEqual(value(metrics, "aiproxy_upstream_ttft_seconds_sum", route="chat"), 0.15)
         self.assertEqual(value(metrics, "aiproxy_gateway_latency_seconds_sum", route="chat"), 0.001)
@@ -193,9 +237,19 @@ class RecordTests(SynchronousTestCase):
         with empty labels.
         """
         metrics = Metrics()
-        metrics.observe_record({"route_id": None, "instance": None, "status": 404, "request_type": None})
+        metrics.observe_record(
+            {"route_id": None, "instance": None, "status": 404, "request_type": None}
+        )
         self.assertEqual(
-            value(metrics, "aiproxy_requests_total", route="", instance="", status="404", request_type=""), 1.0
+            value(
+                metrics,
+                "aiproxy_requests_total",
+                route="",
+                instance="",
+                status="404",
+                request_type="",
+            ),
+            1.0,
         )
 
 
@@ -217,7 +271,9 @@ class ModelLabelTests(SynchronousTestCase):
         known ones keep their label.
         """
         metrics = Metrics(max_models=2)
-        self.assertEqual([metrics.model_label(m) for m in ("a", "b", "c", "a")], ["a", "b", "_other", "a"])
+        self.assertEqual(
+            [metrics.model_label(m) for m in ("a", "b", "c", "a")], ["a", "b", "_other", "a"]
+        )
 
     def test_missing(self) -> None:
         """
@@ -241,8 +297,12 @@ class GapObserverTests(SynchronousTestCase):
         observe(0.02)
         metrics.gap_observer("chat")(0.2)
         self.assertEqual(observe.__self__, metrics.gap_observer("chat").__self__)  # type: ignore[attr-defined]
-        self.assertEqual(value(metrics, "aiproxy_stream_chunk_gap_seconds_count", route="chat"), 2.0)
-        self.assertEqual(value(metrics, "aiproxy_stream_chunk_gap_seconds_bucket", route="chat", le="0.025"), 1.0)
+        self.assertEqual(
+            value(metrics, "aiproxy_stream_chunk_gap_seconds_count", route="chat"), 2.0
+        )
+        self.assertEqual(
+            value(metrics, "aiproxy_stream_chunk_gap_seconds_bucket", route="chat", le="0.025"), 1.0
+        )
 
 
 class SiteTests(SynchronousTestCase):
@@ -269,7 +329,9 @@ class SiteTests(SynchronousTestCase):
         self.assertIsInstance(site.resource.children[b"metrics"], WSGIResource)
 
 
-def monitored(testcase: SynchronousTestCase, table: Any, metrics: Metrics | None) -> tuple[Gateway, ExchangeMonitor]:
+def monitored(
+    testcase: SynchronousTestCase, table: Any, metrics: Metrics | None
+) -> tuple[Gateway, ExchangeMonitor]:
     """
     A test L{Gateway} whose exchanges report to a monitor with C{metrics}.
     """
@@ -310,19 +372,42 @@ class ExchangeMetricsTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "aiproxy_active_streams"), 0.0)
         self.assertEqual(value(metrics, "aiproxy_in_flight_requests"), 0.0)
         self.assertEqual(
-            value(metrics, "aiproxy_requests_total", route="chat", instance="ai-proxy-openai", status="200",
-                  request_type="ai_stream"),
+            value(
+                metrics,
+                "aiproxy_requests_total",
+                route="chat",
+                instance="ai-proxy-openai",
+                status="200",
+                request_type="ai_stream",
+            ),
             1.0,
         )
-        self.assertAlmostEqual(value(metrics, "aiproxy_request_duration_seconds_sum", route="chat",
-                                     request_type="ai_stream"), 1.25)
+        self.assertAlmostEqual(
+            value(
+                metrics,
+                "aiproxy_request_duration_seconds_sum",
+                route="chat",
+                request_type="ai_stream",
+            ),
+            1.25,
+        )
         self.assertAlmostEqual(value(metrics, "aiproxy_ttft_seconds_sum", route="chat"), 0.5)
-        self.assertAlmostEqual(value(metrics, "aiproxy_upstream_ttft_seconds_sum", route="chat"), 0.5)
+        self.assertAlmostEqual(
+            value(metrics, "aiproxy_upstream_ttft_seconds_sum", route="chat"), 0.5
+        )
         self.assertEqual(value(metrics, "aiproxy_gateway_latency_seconds_sum", route="chat"), 0.0)
-        self.assertEqual(value(metrics, "aiproxy_stream_chunk_gap_seconds_count", route="chat"), 2.0)
-        self.assertAlmostEqual(value(metrics, "aiproxy_stream_chunk_gap_seconds_sum", route="chat"), 0.4)
-        self.assertEqual(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="prompt"), 7.0)
-        self.assertEqual(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="completion"), 3.0)
+        self.assertEqual(
+            value(metrics, "aiproxy_stream_chunk_gap_seconds_count", route="chat"), 2.0
+        )
+        self.assertAlmostEqual(
+            value(metrics, "aiproxy_stream_chunk_gap_seconds_sum", route="chat"), 0.4
+        )
+        self.assertEqual(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="prompt"), 7.0
+        )
+        self.assertEqual(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="completion"), 3.0
+        )
         self.assertEqual(monitor.in_flight, {})
 
     def test_non_stream(self) -> None:
@@ -332,18 +417,28 @@ class ExchangeMetricsTests(SynchronousTestCase):
         metrics = Metrics()
         gateway, _ = monitored(self, make_table(), metrics)
         gateway.send(CHAT)
-        body = b'{"model":"gpt-test-0","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+        body = (
+            b'{"model":"gpt-test-0","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+        )
         upstream = gateway.answer(json_response(body))
         upstream.data(body)
         upstream.end()
         self.assertEqual(
-            value(metrics, "aiproxy_requests_total", route="chat", instance="ai-proxy-openai", status="200",
-                  request_type="ai_chat"),
+            value(
+                metrics,
+                "aiproxy_requests_total",
+                route="chat",
+                instance="ai-proxy-openai",
+                status="200",
+                request_type="ai_chat",
+            ),
             1.0,
         )
         self.assertIsNone(value(metrics, "aiproxy_ttft_seconds_count", route="chat"))
         self.assertIsNone(value(metrics, "aiproxy_stream_chunk_gap_seconds_count", route="chat"))
-        self.assertEqual(value(metrics, "aiproxy_tokens_total", model="gpt-test", type="completion"), 2.0)
+        self.assertEqual(
+            value(metrics, "aiproxy_tokens_total", model="gpt-test", type="completion"), 2.0
+        )
 
     def test_client_disconnect(self) -> None:
         """
@@ -358,8 +453,14 @@ class ExchangeMetricsTests(SynchronousTestCase):
         self.assertEqual(value(metrics, "aiproxy_aborts_total", reason="client_disconnect"), 1.0)
         self.assertEqual(value(metrics, "aiproxy_active_streams"), 0.0)
         self.assertEqual(
-            value(metrics, "aiproxy_requests_total", route="chat", instance="ai-proxy-openai", status="499",
-                  request_type="ai_stream"),
+            value(
+                metrics,
+                "aiproxy_requests_total",
+                route="chat",
+                instance="ai-proxy-openai",
+                status="499",
+                request_type="ai_stream",
+            ),
             1.0,
         )
 
@@ -372,7 +473,15 @@ class ExchangeMetricsTests(SynchronousTestCase):
         gateway.send(CHAT, path=b"/nowhere")
         self.assertEqual(gateway.response().status, 404)
         self.assertEqual(
-            value(metrics, "aiproxy_requests_total", route="", instance="", status="404", request_type=""), 1.0
+            value(
+                metrics,
+                "aiproxy_requests_total",
+                route="",
+                instance="",
+                status="404",
+                request_type="",
+            ),
+            1.0,
         )
 
     def test_metrics_off_hot_path(self) -> None:
@@ -424,7 +533,8 @@ class AccessRecordTests(SynchronousTestCase):
         gateway = Gateway(self, make_table())
         self.stream(gateway)
         self.assertEqual(
-            gateway.record["attempts"], [{"instance": "ai-proxy-openai", "status": 200, "duration_ms": 250}]
+            gateway.record["attempts"],
+            [{"instance": "ai-proxy-openai", "status": 200, "duration_ms": 250}],
         )
 
     def test_attempt_without_response(self) -> None:
@@ -483,7 +593,10 @@ class AccessRecordTests(SynchronousTestCase):
         gateway = Gateway(self, make_table({"logging": {"payloads": True}}))
         self.stream(gateway)
         record = gateway.record
-        self.assertEqual(record["llm_request"], {"model": "gpt-test", "messages": CHAT["messages"], "stream": True})
+        self.assertEqual(
+            record["llm_request"],
+            {"model": "gpt-test", "messages": CHAT["messages"], "stream": True},
+        )
         self.assertEqual(record["llm_response_text"], {"content": "Hello"})
         self.assertNotIn("llm_summary", record)
         text = json.dumps(record)

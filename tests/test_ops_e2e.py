@@ -147,7 +147,9 @@ class LiveStream:
         self.client.close()
 
 
-async def open_stream(testcase: TestCase, port: int, path: str = "/v1/chat/completions", **controls: str) -> LiveStream:
+async def open_stream(
+    testcase: TestCase, port: int, path: str = "/v1/chat/completions", **controls: str
+) -> LiveStream:
     """
     Open a L{LiveStream} and read its first chunk; closed by the cleanup.
     """
@@ -195,7 +197,9 @@ class MetricsTests(TestCase):
             response = await in_thread(stream.read)
             stream.close()
             self.assertTrue(response.complete)
-        response = await in_thread(http_call, daemon.port, "POST", "/v1/chat/completions", CHAT, {"x-mock-events": "4"})
+        response = await in_thread(
+            http_call, daemon.port, "POST", "/v1/chat/completions", CHAT, {"x-mock-events": "4"}
+        )
         self.assertEqual(response.status, 200)
         response = await in_thread(http_call, daemon.port, "POST", "/nowhere", CHAT)
         self.assertEqual(response.status, 404)
@@ -206,29 +210,70 @@ class MetricsTests(TestCase):
 
         samples = await in_thread(scrape, port)
         labels = {"route": "chat", "instance": "ai-proxy-openai"}
-        self.assertEqual(sample(samples, "aiproxy_requests_total", status="200", request_type="ai_stream", **labels), 2)
-        self.assertEqual(sample(samples, "aiproxy_requests_total", status="200", request_type="ai_chat", **labels), 1)
-        self.assertEqual(sample(samples, "aiproxy_requests_total", status="499", request_type="ai_stream", **labels), 1)
+        self.assertEqual(
+            sample(
+                samples, "aiproxy_requests_total", status="200", request_type="ai_stream", **labels
+            ),
+            2,
+        )
+        self.assertEqual(
+            sample(
+                samples, "aiproxy_requests_total", status="200", request_type="ai_chat", **labels
+            ),
+            1,
+        )
+        self.assertEqual(
+            sample(
+                samples, "aiproxy_requests_total", status="499", request_type="ai_stream", **labels
+            ),
+            1,
+        )
         # POST /nowhere and GET /metrics on the main listener.
         self.assertEqual(
-            sample(samples, "aiproxy_requests_total", route="", instance="", status="404", request_type=""), 2
+            sample(
+                samples,
+                "aiproxy_requests_total",
+                route="",
+                instance="",
+                status="404",
+                request_type="",
+            ),
+            2,
         )
         self.assertEqual(sample(samples, "aiproxy_ttft_seconds_count", route="chat"), 3)
         self.assertEqual(sample(samples, "aiproxy_upstream_ttft_seconds_count", route="chat"), 3)
         self.assertEqual(sample(samples, "aiproxy_gateway_latency_seconds_count", route="chat"), 3)
         self.assertEqual(
-            sample(samples, "aiproxy_request_duration_seconds_count", route="chat", request_type="ai_chat"), 1
+            sample(
+                samples,
+                "aiproxy_request_duration_seconds_count",
+                route="chat",
+                request_type="ai_chat",
+            ),
+            1,
         )
         self.assertEqual(
-            sample(samples, "aiproxy_request_duration_seconds_count", route="chat", request_type="ai_stream"), 3
+            sample(
+                samples,
+                "aiproxy_request_duration_seconds_count",
+                route="chat",
+                request_type="ai_stream",
+            ),
+            3,
         )
-        self.assertEqual(sample(samples, "aiproxy_tokens_total", model="gpt-ops", type="prompt"), 30)
-        self.assertEqual(sample(samples, "aiproxy_tokens_total", model="gpt-ops", type="completion"), 10)
+        self.assertEqual(
+            sample(samples, "aiproxy_tokens_total", model="gpt-ops", type="prompt"), 30
+        )
+        self.assertEqual(
+            sample(samples, "aiproxy_tokens_total", model="gpt-ops", type="completion"), 10
+        )
         self.assertEqual(sample(samples, "aiproxy_aborts_total", reason="client_disconnect"), 1)
         self.assertEqual(sample(samples, "aiproxy_active_streams"), 0)
         self.assertEqual(sample(samples, "aiproxy_in_flight_requests"), 0)
         self.assertGreater(sample(samples, "aiproxy_bytes_out_total", route="chat") or 0, 0)
-        self.assertGreater(sample(samples, "aiproxy_stream_chunk_gap_seconds_count", route="chat") or 0, 0)
+        self.assertGreater(
+            sample(samples, "aiproxy_stream_chunk_gap_seconds_count", route="chat") or 0, 0
+        )
 
     async def test_active_stream(self) -> None:
         """
@@ -237,7 +282,10 @@ class MetricsTests(TestCase):
         mock = await start_mock(self)
         daemon = await start_daemon(
             self,
-            config={"metrics_listen": "tcp:port=0:interface=127.0.0.1", "routes": [proxy_route(mock)]},
+            config={
+                "metrics_listen": "tcp:port=0:interface=127.0.0.1",
+                "routes": [proxy_route(mock)],
+            },
         )
         port = await metrics_port(daemon)
         stream = await open_stream(self, daemon.port, endless="1", delay_ms="20")
@@ -265,17 +313,29 @@ class AccessLogTests(TestCase):
         """
         mock = await start_mock(self)
         logged = proxy_route(
-            mock, route_id="logged", uri="/logged/v1/chat/completions", logging={"summaries": True, "payloads": True}
+            mock,
+            route_id="logged",
+            uri="/logged/v1/chat/completions",
+            logging={"summaries": True, "payloads": True},
         )
-        daemon = await start_daemon(self, [proxy_route(mock, streaming_flush_interval_ms=0), logged])
+        daemon = await start_daemon(
+            self, [proxy_route(mock, streaming_flush_interval_ms=0), logged]
+        )
         stream = await in_thread(LiveStream, daemon.port, events="3", text="one two three")
         self.assertTrue((await in_thread(stream.read)).complete)
         stream.close()
-        stream = await in_thread(LiveStream, daemon.port, "/logged/v1/chat/completions", events="3", text="one two three")
+        stream = await in_thread(
+            LiveStream, daemon.port, "/logged/v1/chat/completions", events="3", text="one two three"
+        )
         self.assertTrue((await in_thread(stream.read)).complete)
         stream.close()
         response = await in_thread(
-            http_call, daemon.port, "POST", "/v1/chat/completions", CHAT, {"Authorization": CLIENT_SECRET}
+            http_call,
+            daemon.port,
+            "POST",
+            "/v1/chat/completions",
+            CHAT,
+            {"Authorization": CLIENT_SECRET},
         )
         self.assertEqual(response.status, 200)
         records = await daemon.wait_for_records(3)
@@ -287,7 +347,9 @@ class AccessLogTests(TestCase):
             self.assertEqual(set(attempt), {"instance", "status", "duration_ms"})
             self.assertEqual(attempt["status"], 200)
         plain, logged_record, chat = records
-        self.assertEqual((plain["route_id"], plain["request_type"], plain["status"]), ("chat", "ai_stream", 200))
+        self.assertEqual(
+            (plain["route_id"], plain["request_type"], plain["status"]), ("chat", "ai_stream", 200)
+        )
         self.assertEqual((plain["prompt_tokens"], plain["completion_tokens"]), (10, 3))
         self.assertEqual(plain["instance"], "ai-proxy-openai")
         self.assertIsInstance(plain["llm_time_to_first_token"], int)
@@ -327,7 +389,10 @@ class ReloadTests(TestCase):
         daemon = await start_daemon(self, [old])
         stream = await open_stream(self, daemon.port, events="30", delay_ms="40")
 
-        write_config(daemon.config.parent, {"routes": [proxy_route(mock, route_id="new", uri="/v2/chat/completions")]})
+        write_config(
+            daemon.config.parent,
+            {"routes": [proxy_route(mock, route_id="new", uri="/v2/chat/completions")]},
+        )
         daemon.signal("HUP")
         await daemon.wait_for_line("reloaded")
         new = await in_thread(http_call, daemon.port, "POST", "/v2/chat/completions", CHAT)
@@ -346,7 +411,9 @@ class ReloadTests(TestCase):
         self.assertIsNone(by_route["old"]["abort_reason"])
         self.assertEqual(by_route["new"]["status"], 200)
         # The old route's pooled connection is closed; the new one's stays.
-        await wait_until(lambda: len(mock.site.open_transports()) == 1, 5, what="the old pool to close")
+        await wait_until(
+            lambda: len(mock.site.open_transports()) == 1, 5, what="the old pool to close"
+        )
 
     async def test_invalid_reload(self) -> None:
         """
@@ -355,10 +422,15 @@ class ReloadTests(TestCase):
         """
         mock = await start_mock(self)
         daemon = await start_daemon(self, [proxy_route(mock)])
-        write_config(daemon.config.parent, {"routes": [proxy_route(mock, streaming_flush_interval_ms=-1)]})
+        write_config(
+            daemon.config.parent, {"routes": [proxy_route(mock, streaming_flush_interval_ms=-1)]}
+        )
         daemon.signal("HUP")
         line = await daemon.wait_for_line("reload refused")
-        self.assertIn("routes[0].plugins.ai-proxy.streaming_flush_interval_ms: -1 is less than the minimum of 0", line)
+        self.assertIn(
+            "routes[0].plugins.ai-proxy.streaming_flush_interval_ms: -1 is less than the minimum of 0",
+            line,
+        )
         self.assertIn("#error]", line)
         await daemon.wait_for_line("still serving the previous configuration")
         response = await in_thread(http_call, daemon.port, "POST", "/v1/chat/completions", CHAT)
@@ -366,7 +438,9 @@ class ReloadTests(TestCase):
         self.assertTrue(daemon.running)
         write_config(daemon.config.parent, "routes: [")
         daemon.signal("HUP")
-        await wait_until(lambda: daemon.output.count("still serving") == 2, 5, what="the second refusal")
+        await wait_until(
+            lambda: daemon.output.count("still serving") == 2, 5, what="the second refusal"
+        )
         response = await in_thread(http_call, daemon.port, "POST", "/v1/chat/completions", CHAT)
         self.assertEqual(response.status, 200)
 
@@ -386,7 +460,9 @@ class StopTests(TestCase):
         daemon = await start_daemon(self, [proxy_route(mock)])
         stream = await open_stream(self, daemon.port, events="30", delay_ms="40")
         daemon.signal("TERM")
-        await wait_until(lambda: "draining: 1 request(s) in flight" in daemon.output, 5, what="the drain")
+        await wait_until(
+            lambda: "draining: 1 request(s) in flight" in daemon.output, 5, what="the drain"
+        )
         self.assertTrue(await in_thread(refused, daemon.port))
         response = await in_thread(stream.read)
         self.assertTrue(response.complete)
@@ -403,7 +479,9 @@ class StopTests(TestCase):
         chunk); the process still exits 0.
         """
         mock = await start_mock(self)
-        daemon = await start_daemon(self, config={"shutdown_grace_s": 0.5, "routes": [proxy_route(mock)]})
+        daemon = await start_daemon(
+            self, config={"shutdown_grace_s": 0.5, "routes": [proxy_route(mock)]}
+        )
         stream = await open_stream(self, daemon.port, endless="1", delay_ms="20")
         daemon.signal("TERM")
         response = await in_thread(stream.read)
@@ -414,7 +492,9 @@ class StopTests(TestCase):
         self.assertEqual(await daemon.wait_exit(10), 0)
         [record] = daemon.access_records()
         self.assertEqual(record["abort_reason"], "shutdown")
-        await wait_until(lambda: mock.stats()["streams_open"] == 0, 5, what="the upstream stream to close")
+        await wait_until(
+            lambda: mock.stats()["streams_open"] == 0, 5, what="the upstream stream to close"
+        )
 
     async def test_idle(self) -> None:
         """

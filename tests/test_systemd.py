@@ -120,7 +120,10 @@ class UnitFileTests(SynchronousTestCase):
             "CapabilityBoundingSet": "",
         }.items():
             self.assertEqual(one(self.service, key), expected, key)
-        self.assertEqual(set(one(self.service, "RestrictAddressFamilies").split()), {"AF_INET", "AF_INET6", "AF_UNIX"})
+        self.assertEqual(
+            set(one(self.service, "RestrictAddressFamilies").split()),
+            {"AF_INET", "AF_INET6", "AF_UNIX"},
+        )
 
     def test_socket(self) -> None:
         """
@@ -136,8 +139,14 @@ class UnitFileTests(SynchronousTestCase):
         docs/operations.md names both units and the paths they use.
         """
         text = OPERATIONS.read_text(encoding="utf-8")
-        for needle in ("conf/aiproxy.service", "conf/aiproxy.socket", "/opt/aiproxy", "/etc/aiproxy/aiproxy.yaml",
-                       "/etc/aiproxy/aiproxy.env", "systemctl reload aiproxy"):
+        for needle in (
+            "conf/aiproxy.service",
+            "conf/aiproxy.socket",
+            "/opt/aiproxy",
+            "/etc/aiproxy/aiproxy.yaml",
+            "/etc/aiproxy/aiproxy.env",
+            "systemctl reload aiproxy",
+        ):
             self.assertIn(needle, text)
 
 
@@ -162,7 +171,9 @@ class VerifyTests(SynchronousTestCase):
             stand_in.write_text("#!/bin/sh\nexit 0\n")
             stand_in.chmod(0o755)
         for path in (SERVICE, SOCKET):
-            text = path.read_text(encoding="utf-8").replace("/opt/aiproxy/bin/", f"{directory.resolve()}/bin/")
+            text = path.read_text(encoding="utf-8").replace(
+                "/opt/aiproxy/bin/", f"{directory.resolve()}/bin/"
+            )
             (directory / path.name).write_text(text, encoding="utf-8")
         result = subprocess.run(
             [analyze, "verify", "aiproxy.socket", "aiproxy.service"],
@@ -249,7 +260,9 @@ class SocketActivationTests(TestCase):
         first = await self.start(config, sock)
         answer = await in_thread(http_call, port, "POST", "/v1/chat/completions", CHAT, None, 20)
         self.assertEqual(answer.status, 200)
-        self.assertTrue(any("GatewaySite starting on" in line for line in first.lines), first.output)
+        self.assertTrue(
+            any("GatewaySite starting on" in line for line in first.lines), first.output
+        )
         first.signal("TERM")
         self.assertEqual(await first.wait_exit(10), 0, first.output)
 
@@ -258,8 +271,13 @@ class SocketActivationTests(TestCase):
         second = await self.start(config, sock)
         answer = await pending
         self.assertEqual(answer.status, 200)
-        records = [line for line in first.stdout_lines + second.stdout_lines if line.startswith("{")]
-        self.assertEqual(len(records), 2)
+        await wait_until(
+            lambda: (
+                sum(line.startswith("{") for line in first.stdout_lines + second.stdout_lines) == 2
+            ),
+            5,
+            what="one access record from each daemon",
+        )
         self.assertNotIn("Traceback", first.output + second.output)
         second.signal("TERM")
         self.assertEqual(await second.wait_exit(10), 0, second.output)
@@ -279,6 +297,8 @@ class SocketActivationTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(daemon.stop()))
         code = await daemon.wait_exit(20)
         self.assertNotEqual(code, 0)
-        self.assertIn("cannot listen on 'systemd:domain=INET:name=aiproxy': no such socket was passed by systemd",
-                      daemon.output)
+        self.assertIn(
+            "cannot listen on 'systemd:domain=INET:name=aiproxy': no such socket was passed by systemd",
+            daemon.output,
+        )
         self.assertNotIn("Traceback", daemon.output)
