@@ -257,14 +257,16 @@ _MISSING = object()
 
 class _SignalHandling:
     """
-    Mixin: install a handler for one signal once the reactor runs (after
-    the reactor's own handlers, so ours wins), calling C{on_signal} on the
-    reactor thread.
+    Mixin: install a handler for one signal, calling C{on_signal} on the
+    reactor thread. A signal the reactor handles itself (C{SIGTERM}) gets
+    ours once the reactor runs, after its own, so that ours wins; another
+    (C{SIGHUP}, whose default action kills the process) gets it at once.
     """
 
     _signal: int
     _reactor: Any
     _install_signal: bool
+    _reactor_handles: bool = False
 
     def _install_handler(self) -> None:
         if not self._install_signal:
@@ -273,7 +275,10 @@ class _SignalHandling:
         def install() -> None:
             signal.signal(self._signal, self._handler)
 
-        self._reactor.callWhenRunning(install)
+        if self._reactor_handles:
+            self._reactor.callWhenRunning(install)
+        else:
+            install()
 
     def _handler(self, number: int, frame: object) -> None:
         self._reactor.callFromThread(self.on_signal)
@@ -382,6 +387,7 @@ class DrainService(_SignalHandling, Service):
     """
 
     _signal = signal.SIGTERM
+    _reactor_handles = True
 
     def __init__(
         self,

@@ -604,6 +604,26 @@ class SignalTests(SynchronousTestCase):
         signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # type: ignore[operator]
         self.assertEqual(reactor.from_thread, [drain.on_signal, reloader.on_signal])
 
+    def test_sighup_at_once(self) -> None:
+        """
+        The SIGHUP handler is installed at start, before the reactor runs
+        (SIGHUP's default action would kill the process); the SIGTERM one
+        waits for the reactor, which installs its own first.
+        """
+        reactor = FakeReactor()
+        waiting: list[Any] = []
+        reactor.callWhenRunning = lambda f, *a: waiting.append(f)  # type: ignore[method-assign]
+        before = signal.getsignal(signal.SIGTERM)
+        ReloadService(
+            "x.yaml", None, ExchangeMonitor(reactor), reactor, install_signal=True
+        ).startService()
+        DrainService(ExchangeMonitor(reactor), reactor, 30.0, install_signal=True).startService()
+        self.assertNotIn(signal.getsignal(signal.SIGHUP), (signal.SIG_DFL, signal.SIG_IGN))
+        self.assertIs(signal.getsignal(signal.SIGTERM), before)
+        self.assertEqual(len(waiting), 1)
+        waiting[0]()
+        self.assertIsNot(signal.getsignal(signal.SIGTERM), before)
+
     def test_not_installed(self) -> None:
         """
         Without C{install_signal} nothing is installed.
