@@ -566,7 +566,7 @@ class RawHTTPClient:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         self.sock.connect(("127.0.0.1", port))
-        self._buffer = b""
+        self._buffer = bytearray()
         self.eof = False
 
     def send_request(
@@ -611,17 +611,21 @@ class RawHTTPClient:
         return True
 
     def _line(self) -> bytes:
-        while b"\r\n" not in self._buffer:
+        start = 0
+        while (end := self._buffer.find(b"\r\n", start)) == -1:
+            start = max(len(self._buffer) - 1, 0)
             if not self._fill():
-                raise IncompleteResponse(self._buffer)
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
+                raise IncompleteResponse(bytes(self._buffer))
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
         return line
 
     def _exact(self, size: int) -> bytes:
         while len(self._buffer) < size:
             if not self._fill():
-                raise IncompleteResponse(self._buffer)
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
+                raise IncompleteResponse(bytes(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return data
 
     def read_head(self) -> RawResponse:
@@ -668,7 +672,8 @@ class RawHTTPClient:
         if response.headers.get("transfer-encoding") != "chunked":
             while self._fill():
                 pass
-            response.body_bytes, self._buffer = self._buffer, b""
+            response.body_bytes = bytes(self._buffer)
+            del self._buffer[:]
             return response
         while max_chunks is None or len(response.chunks) < max_chunks:
             try:
