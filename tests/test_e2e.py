@@ -274,6 +274,8 @@ class DisconnectTests(TestCase):
         chunks = await in_thread(read_three_and_leave)
         self.assertEqual(len(chunks), 3)
         await sleep(1.0)
+        probe = await in_thread(http_call, mock.port, "GET", "/chunks")
+        self.assertLessEqual(int(probe.body), 15, probe.body)
         stats = mock.stats()
         self.assertLessEqual(stats["last_stream_events"], 15, stats)
         self.assertEqual(stats["streams_aborted"], 1, stats)
@@ -788,3 +790,97 @@ class AccessLogTests(TestCase):
         await daemon.stop()
         self.assertNotIn(ROUTE_API_KEY, daemon.output)
         self.assertNotIn(ROUTE_API_KEY.removeprefix("sk-"), daemon.output)
+
+
+class ConnectionTests(TestCase):
+    """
+    Client connections: keep-alive and concurrent streams.
+    """
+
+    async def test_keep_alive(self) -> None:
+        """
+        One SDK client sends streamed and whole requests one after another
+        on its kept-alive connection, also after a stream that was cut.
+        """
+        mock = await start_mock(self)
+        daemon = await start_daemon(self, [proxy_route(mock, max_response_bytes=3000)])
+
+        def run() -> list[str]:
+            client = sdk(daemon)
+            texts = []
+            for index in range(4):
+                stream = index % 2 == 0
+                headers = {"x-mock-text": f"answer {index}"}
+                if stream:
+                    pieces = client.chat.completions.create(
+                        model="gpt-e2e", messages=MESSAGES, stream=True, extra_headers=headers
+                    )
+                    texts.append(
+                        "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+                    )
+                else:
+                    completion = client.chat.completions.create(
+                        model="gpt-e2e", messages=MESSAGES, extra_headers=headers
+                    )
+                    texts.append(completion.choices[0].message.content)
+            try:
+                cut = client.chat.completions.create(
+                    model="gpt-e2e",
+                    messages=MESSAGES,
+                    stream=True,
+                    extra_headers={"x-mock-events": "100"},
+                )
+                for _ in cut:
+                    pass
+            except Exception as e:  # the SDK raises on the in-band error event
+                texts.append(type(e).__name__)
+            completion = client.chat.completions.create(
+                model="gpt-e2e", messages=MESSAGES, extra_headers={"x-mock-text": "after"}
+            )
+            texts.append(completion.choices[0].message.content)
+            return texts
+
+        texts = await in_thread(run)
+        self.assertEqual(texts[:4], [f"answer {i}" for i in range(4)])
+        self.assertEqual(texts[-1], "after")
+        self.assertEqual(len(texts), 6, texts)
+        records = await daemon.wait_for_records(6)
+        self.assertEqual(
+            [r["abort_reason"] for r in records], [None] * 4 + ["max_response_bytes", None]
+        )
+
+    async def test_concurrent_streams(self) -> None:
+        """
+        Twenty streams at once, each with its own text and pace, all arrive
+        whole and in order, each with its own access record.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        mock = await start_mock(self)
+        daemon = await start_daemon(self, [proxy_route(mock, streaming_flush_interval_ms=0)])
+
+        def one(index: int) -> tuple[int, str, bool]:
+            headers = {
+                "x-mock-text": f"stream-{index}/" * 5,
+                "x-mock-events": "10",
+                "x-mock-delay-ms": str(5 + index % 4 * 5),
+            }
+            response = stream_call(daemon.port, headers)
+            text = "".join(
+                json.loads(e)["choices"][0]["delta"].get("content") or ""
+                for e in data_events(response.body)
+                if e != b"[DONE]" and json.loads(e)["choices"]
+            )
+            return index, text, response.complete
+
+        def run() -> list[tuple[int, str, bool]]:
+            with ThreadPoolExecutor(20) as pool:
+                return list(pool.map(one, range(20)))
+
+        results = await in_thread(run)
+        for index, text, complete in results:
+            self.assertTrue(complete, index)
+            self.assertEqual(text, f"stream-{index}/" * 5)
+        records = await daemon.wait_for_records(20)
+        self.assertEqual({r["status"] for r in records}, {200})
+        self.assertEqual({r["completion_tokens"] for r in records}, {10})
