@@ -19,7 +19,7 @@ tries the same examples):
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
@@ -52,7 +52,11 @@ def fuzz(examples: int) -> settings:
         derandomize=True,
         database=None,
         deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
     )
 
 
@@ -63,8 +67,27 @@ CRASH_WORDS = ("Traceback", "Unhandled Error", "Unhandled error")
 
 #: Pieces SSE streams are made of, so random streams have structure.
 _SSE_TOKENS = st.sampled_from(
-    [b"data:", b"data: ", b"event: ", b"id: ", b"retry: 10", b":", b": ping", b"x", b"{}", b"[DONE]",
-     b"\n", b"\r", b"\r\n", b"\n\n", b"\r\n\r\n", b" ", b"\xff", b"\x00", b"\xe2\x82"]
+    [
+        b"data:",
+        b"data: ",
+        b"event: ",
+        b"id: ",
+        b"retry: 10",
+        b":",
+        b": ping",
+        b"x",
+        b"{}",
+        b"[DONE]",
+        b"\n",
+        b"\r",
+        b"\r\n",
+        b"\n\n",
+        b"\r\n\r\n",
+        b" ",
+        b"\xff",
+        b"\x00",
+        b"\xe2\x82",
+    ]
 )
 sse_streams = st.lists(_SSE_TOKENS, max_size=200).map(b"".join) | st.binary(max_size=2000)
 
@@ -75,7 +98,7 @@ def chunkings(draw: Any, data: bytes) -> list[bytes]:
     C{data} cut at random points (empty chunks included).
     """
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 @st.composite
@@ -136,7 +159,9 @@ class DecoderFuzzTests(SynchronousTestCase):
         st.binary(max_size=40),
         st.data(),
     )
-    def test_eventstream(self, messages: list[tuple[dict[str, str], bytes]], tail: bytes, data: Any) -> None:
+    def test_eventstream(
+        self, messages: list[tuple[dict[str, str], bytes]], tail: bytes, data: Any
+    ) -> None:
         """
         Valid messages in any chunking decode to themselves; random bytes
         after them never make the decoder raise, and after a framing error
@@ -171,19 +196,38 @@ class DecoderFuzzTests(SynchronousTestCase):
 # -- configs ----------------------------------------------------------------------------
 
 _ANY = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**33), 2**33) | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**33), 2**33)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=10,
 )
 _PROXY_VALUES: dict[str, Any] = {
-    "provider": st.sampled_from(["openai", "anthropic", "deepseek", "openai-compatible", "azure-openai", "bedrock", "nope"]),
+    "provider": st.sampled_from(
+        ["openai", "anthropic", "deepseek", "openai-compatible", "azure-openai", "bedrock", "nope"]
+    ),
     "auth": st.sampled_from(
-        [{"header": {"Authorization": "Bearer k"}}, {"query": {"key": "k"}}, {"header": {"bad header": "x"}},
-         {"header": {"X": "line\nbreak"}}, {}, {"aws": {"access_key_id": "a"}}]
+        [
+            {"header": {"Authorization": "Bearer k"}},
+            {"query": {"key": "k"}},
+            {"header": {"bad header": "x"}},
+            {"header": {"X": "line\nbreak"}},
+            {},
+            {"aws": {"access_key_id": "a"}},
+        ]
     ),
     "override": st.sampled_from(
-        [{"endpoint": "http://127.0.0.1:1/v1/chat/completions"}, {"endpoint": "ftp://x"}, {"endpoint": "https://h"},
-         {"request_body": {"openai-chat": {"a": 1}}}, {"llm_options": {"max_tokens": 0}}]
+        [
+            {"endpoint": "http://127.0.0.1:1/v1/chat/completions"},
+            {"endpoint": "ftp://x"},
+            {"endpoint": "https://h"},
+            {"request_body": {"openai-chat": {"a": 1}}},
+            {"llm_options": {"max_tokens": 0}},
+        ]
     ),
     "timeout": st.integers(-5, 700000),
     "max_stream_duration_ms": st.integers(-1, 10**6),
@@ -206,7 +250,10 @@ _PLUGIN_CONFIGS = st.sampled_from(
         ("ai-response-guard", {"deny_patterns": ["[z-a]"]}),
         ("ai-response-guard", {"deny_patterns": ["secret"], "deny_code": 451}),
         ("ai-response-redact", {"rules": [{"pattern": "sk-\\w+", "replacement": "***"}]}),
-        ("ai-response-redact", {"rules": [{"pattern": "(?<=a+)b", "replacement": "x"}], "hold_back_chars": -1}),
+        (
+            "ai-response-redact",
+            {"rules": [{"pattern": "(?<=a+)b", "replacement": "x"}], "hold_back_chars": -1},
+        ),
         ("ai-prompt-decorator", {"prepend": [{"role": "system", "content": "be brief"}]}),
         ("ai-prompt-decorator", {"append": "nope"}),
         ("no-such-plugin", {}),
@@ -228,22 +275,32 @@ def near_valid_documents(draw: Any) -> dict[str, Any]:
             "override": {"endpoint": "http://127.0.0.1:1/v1/chat/completions"},
         }
         for name in draw(st.lists(st.sampled_from(sorted(_PROXY_VALUES)), max_size=5, unique=True)):
-            proxy[name] = draw(_PROXY_VALUES[name] | _ANY) if draw(st.booleans()) else draw(_PROXY_VALUES[name])
+            proxy[name] = (
+                draw(_PROXY_VALUES[name] | _ANY)
+                if draw(st.booleans())
+                else draw(_PROXY_VALUES[name])
+            )
         if draw(st.booleans()):
             proxy.pop(draw(st.sampled_from(["provider", "auth"])))
         plugins: dict[str, Any] = {"ai-proxy": proxy}
         for name, conf in draw(st.lists(_PLUGIN_CONFIGS, max_size=2)):
             plugins[name] = conf
-        route: dict[str, Any] = {"uri": draw(st.sampled_from(["/v1/chat/completions", "/v1/*", "nope", "/a", ""])),
-                                 "plugins": plugins}
+        route: dict[str, Any] = {
+            "uri": draw(st.sampled_from(["/v1/chat/completions", "/v1/*", "nope", "/a", ""])),
+            "plugins": plugins,
+        }
         if draw(st.booleans()):
             route["id"] = draw(st.sampled_from([f"r{index}", "dup", 7]))
         routes.append(route)
     document: dict[str, Any] = {"routes": routes}
     if draw(st.booleans()):
-        document["listen"] = draw(st.sampled_from(["tcp:0", "nonsense:x", ["tcp:0", "unix:/tmp/x"], 12, ""]))
+        document["listen"] = draw(
+            st.sampled_from(["tcp:0", "nonsense:x", ["tcp:0", "unix:/tmp/x"], 12, ""])
+        )
     if draw(st.booleans()):
-        document[draw(st.sampled_from(["shutdown_grace_s", "metrics_listen", "unknown_key"]))] = draw(_ANY)
+        document[draw(st.sampled_from(["shutdown_grace_s", "metrics_listen", "unknown_key"]))] = (
+            draw(_ANY)
+        )
     return document
 
 
@@ -282,27 +339,59 @@ class ConfigFuzzTests(SynchronousTestCase):
 # -- requests through the exchange ------------------------------------------------------
 
 _ROUTES = [
-    {"id": "chat", "uri": "/v1/chat/completions",
-     "plugins": {"ai-proxy": {"provider": "openai", "auth": {"header": {"Authorization": "Bearer k"}},
-                              "override": {"endpoint": "http://upstream.test/v1/chat/completions"},
-                              "max_req_body_size": 4000, "streaming_flush_interval_ms": 0}}},
-    {"id": "messages", "uri": "/v1/messages",
-     "plugins": {"ai-proxy": {"provider": "anthropic", "auth": {"header": {"x-api-key": "k"}},
-                              "override": {"endpoint": "http://upstream.test/v1/messages"}}}},
-    {"id": "prefix", "uri": "/v1/*",
-     "plugins": {"ai-proxy": {"provider": "openai", "auth": {"query": {"key": "k"}},
-                              "override": {"endpoint": "http://upstream.test/base"}}}},
+    {
+        "id": "chat",
+        "uri": "/v1/chat/completions",
+        "plugins": {
+            "ai-proxy": {
+                "provider": "openai",
+                "auth": {"header": {"Authorization": "Bearer k"}},
+                "override": {"endpoint": "http://upstream.test/v1/chat/completions"},
+                "max_req_body_size": 4000,
+                "streaming_flush_interval_ms": 0,
+            }
+        },
+    },
+    {
+        "id": "messages",
+        "uri": "/v1/messages",
+        "plugins": {
+            "ai-proxy": {
+                "provider": "anthropic",
+                "auth": {"header": {"x-api-key": "k"}},
+                "override": {"endpoint": "http://upstream.test/v1/messages"},
+            }
+        },
+    },
+    {
+        "id": "prefix",
+        "uri": "/v1/*",
+        "plugins": {
+            "ai-proxy": {
+                "provider": "openai",
+                "auth": {"query": {"key": "k"}},
+                "override": {"endpoint": "http://upstream.test/base"},
+            }
+        },
+    },
 ]
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
-_MESSAGES = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]), "content": _JSON}),
-    max_size=3,
-) | _JSON
+_MESSAGES = (
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "assistant", "tool", 3]), "content": _JSON}
+        ),
+        max_size=3,
+    )
+    | _JSON
+)
 _BODY_DOCUMENTS = st.fixed_dictionaries(
     {},
     optional={
@@ -320,12 +409,18 @@ _VALID_CHAT = st.fixed_dictionaries(
     {
         "model": st.text(max_size=8),
         "messages": st.lists(
-            st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=20)}),
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=20)}
+            ),
             min_size=1,
             max_size=3,
         ),
     },
-    optional={"stream": st.booleans(), "temperature": st.floats(0, 2), "max_tokens": st.integers(1, 100)},
+    optional={
+        "stream": st.booleans(),
+        "temperature": st.floats(0, 2),
+        "max_tokens": st.integers(1, 100),
+    },
 ).map(lambda d: json.dumps(d).encode())
 _BODIES = (
     _VALID_CHAT
@@ -333,31 +428,89 @@ _BODIES = (
     | _BODY_DOCUMENTS.map(lambda d: json.dumps(d).encode())
     | _JSON.map(lambda d: json.dumps(d).encode())
     | st.binary(max_size=300)
-    | st.sampled_from([b"", b"{", b'{"messages": [NaN]}', b'{"a": 1e999}', b'{"a": "\\ud800"}', b"[" * 3000,
-                       b"\xef\xbb\xbf{}", b'{"messages": []}' + b" " * 5000])
+    | st.sampled_from(
+        [
+            b"",
+            b"{",
+            b'{"messages": [NaN]}',
+            b'{"a": 1e999}',
+            b'{"a": "\\ud800"}',
+            b"[" * 3000,
+            b"\xef\xbb\xbf{}",
+            b'{"messages": []}' + b" " * 5000,
+        ]
+    )
 )
-_TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_0123456789ABCDEFXYZ", min_size=1, max_size=12)
+_TOKEN = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyz-_0123456789ABCDEFXYZ", min_size=1, max_size=12
+)
 _HEADER_VALUES = st.binary(max_size=40).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))
 _HEADERS = st.lists(
     st.tuples(
         _TOKEN.map(str.encode)
-        | st.sampled_from([b"content-type", b"authorization", b"cookie", b"host", b"connection", b"te", b"expect",
-                           b"transfer-encoding", b"content-encoding", b"x-mock-status", b"content-length"]),
+        | st.sampled_from(
+            [
+                b"content-type",
+                b"authorization",
+                b"cookie",
+                b"host",
+                b"connection",
+                b"te",
+                b"expect",
+                b"transfer-encoding",
+                b"content-encoding",
+                b"x-mock-status",
+                b"content-length",
+            ]
+        ),
         _HEADER_VALUES
-        | st.sampled_from([b"application/json", b"text/plain", b"application/json; charset=utf-8", b"close",
-                           b"100-continue", b"chunked", b"gzip", b"-1", b"99999999999999999999"]),
+        | st.sampled_from(
+            [
+                b"application/json",
+                b"text/plain",
+                b"application/json; charset=utf-8",
+                b"close",
+                b"100-continue",
+                b"chunked",
+                b"gzip",
+                b"-1",
+                b"99999999999999999999",
+            ]
+        ),
     ),
     max_size=6,
 )
-_TARGETS = st.just(b"/v1/chat/completions") | st.sampled_from(
-    [b"/v1/chat/completions", b"/v1/messages", b"/v1/responses", b"/v1/embeddings", b"/v1/x/converse", b"/v1/",
-     b"/v1/chat/completions?stream=1&key=x", b"/v1/%2e%2e/x", b"//evil/x", b"http://evil/v1/chat/completions",
-     b"/nowhere", b"*", b"/v1/chat/completions#x"]
-) | _TOKEN.map(lambda t: b"/v1/" + t.encode())
-_METHODS = st.just(b"POST") | st.sampled_from([b"POST", b"GET", b"PUT", b"DELETE", b"OPTIONS", b"HEAD", b"PATCH"]) | _TOKEN.map(str.encode)
+_TARGETS = (
+    st.just(b"/v1/chat/completions")
+    | st.sampled_from(
+        [
+            b"/v1/chat/completions",
+            b"/v1/messages",
+            b"/v1/responses",
+            b"/v1/embeddings",
+            b"/v1/x/converse",
+            b"/v1/",
+            b"/v1/chat/completions?stream=1&key=x",
+            b"/v1/%2e%2e/x",
+            b"//evil/x",
+            b"http://evil/v1/chat/completions",
+            b"/nowhere",
+            b"*",
+            b"/v1/chat/completions#x",
+        ]
+    )
+    | _TOKEN.map(lambda t: b"/v1/" + t.encode())
+)
+_METHODS = (
+    st.just(b"POST")
+    | st.sampled_from([b"POST", b"GET", b"PUT", b"DELETE", b"OPTIONS", b"HEAD", b"PATCH"])
+    | _TOKEN.map(str.encode)
+)
 
 
-def raw_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+def raw_request(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> bytes:
     """
     A request with C{headers} as given plus a correct C{Content-Length}
     (unless the headers already hold one).
@@ -375,11 +528,14 @@ class ExchangeHarness:
     fakes, a fresh connection per example, and the log events of each.
     """
 
-    def __init__(self, testcase: SynchronousTestCase, routes: list[dict[str, Any]] = _ROUTES) -> None:
+    def __init__(
+        self, testcase: SynchronousTestCase, routes: list[dict[str, Any]] = _ROUTES
+    ) -> None:
         self.table = make_table(routes=routes)
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        testcase.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def connect(self) -> None:
         """
@@ -389,7 +545,9 @@ class ExchangeHarness:
             route.client = FakeUpstreamClient()  # type: ignore[assignment]
         self.events.clear()
         self.clock = Clock()
-        self.site = GatewaySite(GatewayResource(self.table, self.clock), reactor=MemoryReactorClock())
+        self.site = GatewaySite(
+            GatewayResource(self.table, self.clock), reactor=MemoryReactorClock()
+        )
         self.transport = StringTransport()
         self.channel = self.site.buildProtocol(None)
         self.channel.makeConnection(self.transport)
@@ -412,7 +570,12 @@ class RequestFuzzTests(SynchronousTestCase):
     @fuzz(500)
     @given(_METHODS, _TARGETS, _HEADERS, _BODIES, st.booleans())
     def test_requests(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, stream_answer: bool
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        stream_answer: bool,
     ) -> None:
         """
         Whatever the client sends, it gets a 4xx or the upstream's answer
@@ -450,7 +613,9 @@ class RequestFuzzTests(SynchronousTestCase):
             # chunked or over-long declared body) gets no answer yet.
             declared = [name.lower() for name, _ in headers]
             self.assertTrue(
-                b"transfer-encoding" in declared or b"content-length" in declared or b"expect" in declared,
+                b"transfer-encoding" in declared
+                or b"content-length" in declared
+                or b"expect" in declared,
                 (method, target, headers, body[:100]),
             )
         self.assertEqual(harness.failures(), [])
@@ -463,8 +628,16 @@ class RequestFuzzTests(SynchronousTestCase):
 # -- upstream answers through the exchange ------------------------------------------------
 
 _CONTENT_TYPES = st.sampled_from(
-    [b"text/event-stream", b"text/event-stream; charset=utf-8", b"application/json", b"text/html",
-     b"application/vnd.amazon.eventstream", b"", b"application/octet-stream", b"TEXT/EVENT-STREAM"]
+    [
+        b"text/event-stream",
+        b"text/event-stream; charset=utf-8",
+        b"application/json",
+        b"text/html",
+        b"application/vnd.amazon.eventstream",
+        b"",
+        b"application/octet-stream",
+        b"TEXT/EVENT-STREAM",
+    ]
 )
 _GOOD_STREAM = (
     b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
@@ -497,7 +670,14 @@ class UpstreamFuzzTests(SynchronousTestCase):
         st.sampled_from([None, 500]),
     )
     def test_answers(
-        self, status: int, content_type: bytes, data: Any, ending: str, stream: bool, flush_ms: int, limit: Any
+        self,
+        status: int,
+        content_type: bytes,
+        data: Any,
+        ending: str,
+        stream: bool,
+        flush_ms: int,
+        limit: Any,
     ) -> None:
         """
         Whatever the upstream answers, the client gets one well-formed
@@ -507,18 +687,39 @@ class UpstreamFuzzTests(SynchronousTestCase):
         """
         body = data.draw(_UPSTREAM_BODIES)
         chunks = data.draw(chunkings(body))
-        proxy: dict[str, Any] = {"streaming_flush_interval_ms": flush_ms, "stream_idle_timeout_ms": 5000}
+        proxy: dict[str, Any] = {
+            "streaming_flush_interval_ms": flush_ms,
+            "stream_idle_timeout_ms": 5000,
+        }
         if limit is not None:
             proxy["max_response_bytes"] = limit
-        harness = ExchangeHarness(self, routes=[{
-            "id": "chat", "uri": "/v1/chat/completions",
-            "plugins": {"ai-proxy": {"provider": "openai", "auth": {"header": {"Authorization": "Bearer k"}},
-                                     "override": {"endpoint": "http://upstream.test/v1/chat/completions"}, **proxy}},
-        }])
+        harness = ExchangeHarness(
+            self,
+            routes=[
+                {
+                    "id": "chat",
+                    "uri": "/v1/chat/completions",
+                    "plugins": {
+                        "ai-proxy": {
+                            "provider": "openai",
+                            "auth": {"header": {"Authorization": "Bearer k"}},
+                            "override": {"endpoint": "http://upstream.test/v1/chat/completions"},
+                            **proxy,
+                        }
+                    },
+                }
+            ],
+        )
         harness.connect()
         request = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-        harness.channel.dataReceived(raw_request(b"POST", b"/v1/chat/completions", [(b"Content-Type", b"application/json")],
-                                                 json.dumps(request).encode()))
+        harness.channel.dataReceived(
+            raw_request(
+                b"POST",
+                b"/v1/chat/completions",
+                [(b"Content-Type", b"application/json")],
+                json.dumps(request).encode(),
+            )
+        )
         (call,) = harness.calls()
         headers = {b"content-type": [content_type]} if content_type else {}
         response = FakeResponse(status, headers)
@@ -574,7 +775,13 @@ class DaemonFuzzTests(TestCase):
         """
         mock = await start_mock(self)
         routes = [
-            proxy_route(mock, "chat", "/v1/chat/completions", max_req_body_size=4000, streaming_flush_interval_ms=0),
+            proxy_route(
+                mock,
+                "chat",
+                "/v1/chat/completions",
+                max_req_body_size=4000,
+                streaming_flush_interval_ms=0,
+            ),
             proxy_route(mock, "prefix", "/v1/*"),
         ]
         daemon = await start_daemon(self, routes)
@@ -584,23 +791,35 @@ class DaemonFuzzTests(TestCase):
 
         @fuzz(60)
         @given(_METHODS, _TARGETS, _HEADERS, _BODIES)
-        def check(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-            headers = [(name, value) for name, value in headers
-                       if name.lower() not in (b"content-length", b"transfer-encoding", b"expect")]
+        def check(
+            method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+        ) -> None:
+            headers = [
+                (name, value)
+                for name, value in headers
+                if name.lower() not in (b"content-length", b"transfer-encoding", b"expect")
+            ]
             client = RawHTTPClient(port, timeout=10)
             try:
-                client.sock.sendall(raw_request(method, target, headers + [(b"Connection", b"close")], body))
+                client.sock.sendall(
+                    raw_request(method, target, headers + [(b"Connection", b"close")], body)
+                )
                 head = client.read_head()
                 response = client.read_body(head)
             finally:
                 client.close()
             statuses.append(head.status)
-            assert head.status == 200 or 400 <= head.status < 500, (head.status, response.body[:200])
+            assert head.status == 200 or 400 <= head.status < 500, (
+                head.status,
+                response.body[:200],
+            )
 
         await in_thread(check)
         self.assertEqual(len(statuses), 60)
         self.assertTrue(set(statuses) & {400, 404, 405})
-        self.assertFalse([line for line in daemon.lines if any(word in line for word in CRASH_WORDS)])
+        self.assertFalse(
+            [line for line in daemon.lines if any(word in line for word in CRASH_WORDS)]
+        )
         for record in mock.requests():
             # The route's path, or the client's for a passthrough body; the
             # route's host either way.

@@ -77,7 +77,7 @@ def _certificate(
     A certificate for C{key}, signed by C{issuer_key}, valid for a day
     around now, naming C{localhost} and C{127.0.0.1} unless it is a CA.
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -94,11 +94,17 @@ def _certificate(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write_pair(directory: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
+def _write_pair(
+    directory: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> tuple[Path, Path]:
     key_path = directory / f"{stem}.key"
     cert_path = directory / f"{stem}.pem"
     key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
@@ -113,7 +119,9 @@ class Certificates:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = _certificate(ca_key, _name("aiproxy test CA"), ca_key, _name("aiproxy test CA"), ca=True)
+        ca = _certificate(
+            ca_key, _name("aiproxy test CA"), ca_key, _name("aiproxy test CA"), ca=True
+        )
         _, self.ca = _write_pair(directory, "ca", ca_key, ca)
         leaf_key = ec.generate_private_key(ec.SECP256R1())
         leaf = _certificate(leaf_key, _name("localhost"), ca_key, ca.subject, ca=False)
@@ -162,7 +170,7 @@ def raw_exchange(port: int, head: bytes, body: bytes = b"", timeout: float = 5.0
                 received += data
                 if _complete(received):
                     break
-        except (ConnectionResetError, TimeoutError, socket.timeout):
+        except (ConnectionResetError, TimeoutError):
             pass
     return received
 
@@ -189,14 +197,20 @@ def body_of(raw: bytes) -> bytes:
     return raw.partition(b"\r\n\r\n")[2]
 
 
-def chat_head(target: bytes, host: bytes | None = b"127.0.0.1", body: bytes = b"", extra: bytes = b"") -> bytes:
+def chat_head(
+    target: bytes, host: bytes | None = b"127.0.0.1", body: bytes = b"", extra: bytes = b""
+) -> bytes:
     """
     A POST request head for C{target} with a JSON body of C{len(body)}.
     """
     lines = [b"POST " + target + b" HTTP/1.1"]
     if host is not None:
         lines.append(b"Host: " + host)
-    lines += [b"Content-Type: application/json", b"Content-Length: %d" % len(body), b"Connection: close"]
+    lines += [
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+    ]
     return b"\r\n".join(lines) + b"\r\n" + extra + b"\r\n"
 
 
@@ -216,22 +230,39 @@ class TLSUpstreamTests(TestCase):
         untrusted = await start_tls_mock(self, certs.self_signed_key, certs.self_signed)
         trusted = await start_tls_mock(self, certs.leaf_key, certs.leaf)
         routes = [
-            proxy_route(route_id="self-signed", uri="/self-signed", endpoint=f"https://127.0.0.1:{untrusted.port}/v1/chat/completions"),
             proxy_route(
-                route_id="unverified", uri="/unverified", ssl_verify=False,
+                route_id="self-signed",
+                uri="/self-signed",
                 endpoint=f"https://127.0.0.1:{untrusted.port}/v1/chat/completions",
             ),
             proxy_route(
-                route_id="ca-name", uri="/ca-name", ssl_ca_file=str(certs.ca),
+                route_id="unverified",
+                uri="/unverified",
+                ssl_verify=False,
+                endpoint=f"https://127.0.0.1:{untrusted.port}/v1/chat/completions",
+            ),
+            proxy_route(
+                route_id="ca-name",
+                uri="/ca-name",
+                ssl_ca_file=str(certs.ca),
                 endpoint=f"https://localhost:{trusted.port}/v1/chat/completions",
             ),
             proxy_route(
-                route_id="ca-ip", uri="/ca-ip", ssl_ca_file=str(certs.ca), streaming_flush_interval_ms=0,
+                route_id="ca-ip",
+                uri="/ca-ip",
+                ssl_ca_file=str(certs.ca),
+                streaming_flush_interval_ms=0,
                 endpoint=f"https://127.0.0.1:{trusted.port}/v1/chat/completions",
             ),
-            proxy_route(route_id="no-ca", uri="/no-ca", endpoint=f"https://localhost:{trusted.port}/v1/chat/completions"),
             proxy_route(
-                route_id="wrong-ca", uri="/wrong-ca", ssl_ca_file=str(certs.self_signed),
+                route_id="no-ca",
+                uri="/no-ca",
+                endpoint=f"https://localhost:{trusted.port}/v1/chat/completions",
+            ),
+            proxy_route(
+                route_id="wrong-ca",
+                uri="/wrong-ca",
+                ssl_ca_file=str(certs.self_signed),
                 endpoint=f"https://localhost:{trusted.port}/v1/chat/completions",
             ),
         ]
@@ -261,9 +292,15 @@ class TLSUpstreamTests(TestCase):
         records = await daemon.wait_for_records(7)
         self.assertEqual(
             [(r["route_id"], r["status"], r["abort_reason"]) for r in records[:3]],
-            [("self-signed", 502, "upstream_error"), ("no-ca", 502, "upstream_error"), ("wrong-ca", 502, "upstream_error")],
+            [
+                ("self-signed", 502, "upstream_error"),
+                ("no-ca", 502, "upstream_error"),
+                ("wrong-ca", 502, "upstream_error"),
+            ],
         )
-        self.assertFalse([line for line in daemon.lines if any(word in line for word in CRASH_WORDS)])
+        self.assertFalse(
+            [line for line in daemon.lines if any(word in line for word in CRASH_WORDS)]
+        )
 
 
 class TLSListenerTests(TestCase):
@@ -331,27 +368,51 @@ class SecretTests(TestCase):
         certs = Certificates(Path(self.mktemp()).resolve())
         mock = await start_mock(self)
         tls_mock = await start_tls_mock(self, certs.self_signed_key, certs.self_signed)
-        auth = {"header": {"Authorization": f"Bearer {HEADER_SECRET}"}, "query": {"key": QUERY_SECRET}}
+        auth = {
+            "header": {"Authorization": f"Bearer {HEADER_SECRET}"},
+            "query": {"key": QUERY_SECRET},
+        }
         logging = {"summaries": True, "payloads": True}
         routes = [
-            proxy_route(mock, "secret", "/secret", auth=auth, logging=logging, streaming_flush_interval_ms=0, max_req_body_size=2000),
+            proxy_route(
+                mock,
+                "secret",
+                "/secret",
+                auth=auth,
+                logging=logging,
+                streaming_flush_interval_ms=0,
+                max_req_body_size=2000,
+            ),
             proxy_route(mock, "slow", "/slow", auth=auth, logging=logging, timeout=300),
             proxy_route(
-                route_id="refused", uri="/refused", auth=auth, logging=logging,
+                route_id="refused",
+                uri="/refused",
+                auth=auth,
+                logging=logging,
                 endpoint=f"http://127.0.0.1:{closed_port()}/v1/chat/completions?region=x",
             ),
             proxy_route(
-                route_id="tls", uri="/tls", auth=auth, logging=logging,
+                route_id="tls",
+                uri="/tls",
+                auth=auth,
+                logging=logging,
                 endpoint=f"https://127.0.0.1:{tls_mock.port}/v1/chat/completions",
             ),
             proxy_route(
-                route_id="dns", uri="/dns", auth=auth, logging=logging,
+                route_id="dns",
+                uri="/dns",
+                auth=auth,
+                logging=logging,
                 endpoint="http://upstream.invalid/v1/chat/completions",
             ),
         ]
         metrics_port = closed_port()
         daemon = await start_daemon(
-            self, config={"routes": routes, "metrics_listen": f"tcp:port={metrics_port}:interface=127.0.0.1"}
+            self,
+            config={
+                "routes": routes,
+                "metrics_listen": f"tcp:port={metrics_port}:interface=127.0.0.1",
+            },
         )
         port = daemon.port
         assert port is not None
@@ -377,7 +438,11 @@ class SecretTests(TestCase):
         ]
         responses: list[RawResponse] = []
         for path, body, headers in calls:
-            responses.append(await in_thread(http_call, port, path=path, body=body, headers={**client_headers, **headers}))
+            responses.append(
+                await in_thread(
+                    http_call, port, path=path, body=body, headers={**client_headers, **headers}
+                )
+            )
         statuses = [r.status for r in responses]
         self.assertEqual(statuses[:4], [200, 200, 401, 500])
         self.assertEqual(statuses[5:], [400, 413, 400, 504, 502, 502, 502, 404])
@@ -392,7 +457,9 @@ class SecretTests(TestCase):
             self.assertIn(f"key={QUERY_SECRET}", record["path"])
 
         def scrape_metrics() -> bytes:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{metrics_port}/metrics", timeout=5
+            ) as answer:
                 return answer.read()  # type: ignore[no-any-return]
 
         metrics = await in_thread(scrape_metrics)
@@ -403,7 +470,7 @@ class SecretTests(TestCase):
             "daemon output": daemon.output,
             "metrics": metrics.decode("utf-8", "replace"),
         }
-        for (path, _, _), response in zip(calls, responses):
+        for (path, _, _), response in zip(calls, responses, strict=True):
             exposed[f"response {path} {response.status}"] = (
                 json.dumps(response.headers) + "\n" + response.body.decode("utf-8", "replace")
             )
@@ -411,7 +478,9 @@ class SecretTests(TestCase):
             for secret in SECRETS:
                 self.assertNotIn(secret, text, f"{secret} in {where}")
         self.assertTrue(any("aborting" in line for line in daemon.lines))
-        self.assertFalse([line for line in daemon.lines if any(word in line for word in CRASH_WORDS)])
+        self.assertFalse(
+            [line for line in daemon.lines if any(word in line for word in CRASH_WORDS)]
+        )
 
 
 class HeadLimitTests(SynchronousTestCase):
@@ -433,7 +502,9 @@ class HeadLimitTests(SynchronousTestCase):
         """
         More than 500 headers: 431 with a JSON body, and an access record.
         """
-        status, body, gateway = self.refused(request_bytes(headers={b"x-h%d" % i: b"v" for i in range(600)}))
+        status, body, gateway = self.refused(
+            request_bytes(headers={b"x-h%d" % i: b"v" for i in range(600)})
+        )
         self.assertEqual((status, body), (431, {"message": "request header fields too large"}))
         self.assertEqual(gateway.record["abort_reason"], "request_headers_too_large")
         self.assertEqual(gateway.record["path"], "/v1/chat/completions")
@@ -443,7 +514,9 @@ class HeadLimitTests(SynchronousTestCase):
         """
         A head of more than 16 KiB in total: 431.
         """
-        status, _, _ = self.refused(request_bytes(headers={b"x-h%d" % i: b"a" * 1000 for i in range(20)}))
+        status, _, _ = self.refused(
+            request_bytes(headers={b"x-h%d" % i: b"a" * 1000 for i in range(20)})
+        )
         self.assertEqual(status, 431)
 
     def test_header_line_too_long(self) -> None:
@@ -458,7 +531,9 @@ class HeadLimitTests(SynchronousTestCase):
         """
         A request line longer than 16 KiB: 414.
         """
-        status, body, gateway = self.refused(request_bytes(path=b"/v1/chat/completions?" + b"a" * 20000))
+        status, body, gateway = self.refused(
+            request_bytes(path=b"/v1/chat/completions?" + b"a" * 20000)
+        )
         self.assertEqual((status, body), (414, {"message": "request line too long"}))
         self.assertEqual(gateway.record["abort_reason"], "request_line_too_long")
 
@@ -505,7 +580,9 @@ class UpstreamTLSFailureTests(SynchronousTestCase):
         gateway.upstream.deferred.errback(Failure(ResponseNeverReceived([Failure(error)])))
         response = gateway.response()
         self.assertEqual(response.status, 502)
-        self.assertEqual(response.json(), {"message": "TLS with upstream failed: certificate verify failed"})
+        self.assertEqual(
+            response.json(), {"message": "TLS with upstream failed: certificate verify failed"}
+        )
         self.assertEqual(gateway.record["abort_reason"], "upstream_error")
 
 
@@ -537,8 +614,12 @@ class RequestLimitTests(TestCase):
             return await in_thread(raw_exchange, port, head, data)
 
         heads = {
-            "many headers": chat_head(b"/v1/chat/completions", extra=b"".join(b"x-h%d: v\r\n" % i for i in range(600))),
-            "long header": chat_head(b"/v1/chat/completions", extra=b"x-big: " + b"a" * 20000 + b"\r\n"),
+            "many headers": chat_head(
+                b"/v1/chat/completions", extra=b"".join(b"x-h%d: v\r\n" % i for i in range(600))
+            ),
+            "long header": chat_head(
+                b"/v1/chat/completions", extra=b"x-big: " + b"a" * 20000 + b"\r\n"
+            ),
             "long target": chat_head(b"/v1/chat/completions?" + b"a" * 20000),
         }
         expected = {"many headers": 431, "long header": 431, "long target": 414}
@@ -552,11 +633,14 @@ class RequestLimitTests(TestCase):
         self.assertEqual(status_of(answer), 413)
         self.assertEqual(
             json.loads(body_of(answer)),
-            {"message": "could not get body: request size 5000 is greater than the maximum size 1000 allowed"},
+            {
+                "message": "could not get body: request size 5000 is greater than the maximum size 1000 allowed"
+            },
         )
         chunked = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(b"258\r\n" + b"x" * 600 + b"\r\n" for _ in range(3))
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"258\r\n" + b"x" * 600 + b"\r\n" for _ in range(3))
         )
         self.assertEqual(status_of(await raw(chunked)), 413)
         self.assertEqual(mock.stats()["requests"], 0)
@@ -591,9 +675,9 @@ class RequestLimitTests(TestCase):
 
         seen = mock.requests()
         self.assertGreater(len(seen), 5)
-        host = f"127.0.0.1:{mock.port}"
+        mock_host = f"127.0.0.1:{mock.port}"
         for record in seen:
-            self.assertEqual(record["headers"]["host"], [host], record["path"])
+            self.assertEqual(record["headers"]["host"], [mock_host], record["path"])
             if record["body"] == passthrough.decode():
                 self.assertFalse(record["path"].startswith(("http:", "https:")))
             else:
@@ -602,4 +686,6 @@ class RequestLimitTests(TestCase):
         response = await in_thread(http_call, port, body=CHAT_STREAM)
         self.assertTrue(response.complete)
         self.assertTrue(daemon.running)
-        self.assertFalse([line for line in daemon.lines if any(word in line for word in CRASH_WORDS)])
+        self.assertFalse(
+            [line for line in daemon.lines if any(word in line for word in CRASH_WORDS)]
+        )

@@ -75,7 +75,7 @@ def error_events(body: bytes) -> list[dict[str, Any]]:
     return found
 
 
-class HonestEndingMixin:
+class HonestEndingCase(SynchronousTestCase):
     """
     Assertions about how a response ended.
     """
@@ -86,12 +86,12 @@ class HonestEndingMixin:
         C{{"message": message}}, and the record names C{reason}.
         """
         response = gateway.response()
-        self.assertEqual(response.status, status)  # type: ignore[attr-defined]
-        self.assertEqual(response.header("content-type"), "application/json")  # type: ignore[attr-defined]
-        self.assertEqual(response.json(), {"message": message})  # type: ignore[attr-defined]
-        self.assertTrue(response.complete)  # type: ignore[attr-defined]
-        self.assertEqual(gateway.record["status"], status)  # type: ignore[attr-defined]
-        self.assertEqual(gateway.record["abort_reason"], reason)  # type: ignore[attr-defined]
+        self.assertEqual(response.status, status)
+        self.assertEqual(response.header("content-type"), "application/json")
+        self.assertEqual(response.json(), {"message": message})
+        self.assertTrue(response.complete)
+        self.assertEqual(gateway.record["status"], status)
+        self.assertEqual(gateway.record["abort_reason"], reason)
 
     def assert_cut(self, gateway: Gateway, reason: str, status: int = 200) -> dict[str, Any]:
         """
@@ -101,23 +101,25 @@ class HonestEndingMixin:
 
         @return: the error event's C{error} object.
         """
-        self.assertEqual(gateway.raw.count(b"HTTP/1.1 "), 1)  # type: ignore[attr-defined]
+        self.assertEqual(gateway.raw.count(b"HTTP/1.1 "), 1)
         response = gateway.response()
-        self.assertEqual(response.status, status)  # type: ignore[attr-defined]
-        self.assertFalse(response.complete)  # type: ignore[attr-defined]
-        self.assertTrue(gateway.closed)  # type: ignore[attr-defined]
-        self.assertNotIn(b"[DONE]", response.body)  # type: ignore[attr-defined]
+        self.assertEqual(response.status, status)
+        self.assertFalse(response.complete)
+        self.assertTrue(gateway.closed)
+        self.assertNotIn(b"[DONE]", response.body)
         errors = error_events(response.body)
-        self.assertEqual(len(errors), 1, response.body)  # type: ignore[attr-defined]
-        self.assertEqual(errors[0]["code"], reason)  # type: ignore[attr-defined]
-        self.assertEqual(events_of(response.body)[-1].data, json.dumps({"error": errors[0]}).encode())  # type: ignore[attr-defined]
-        self.assertEqual(gateway.record["status"], status)  # type: ignore[attr-defined]
-        self.assertEqual(gateway.record["abort_reason"], reason)  # type: ignore[attr-defined]
-        self.assertEqual(gateway.pending_timers(), [])  # type: ignore[attr-defined]
+        self.assertEqual(len(errors), 1, response.body)
+        self.assertEqual(errors[0]["code"], reason)
+        self.assertEqual(
+            events_of(response.body)[-1].data, json.dumps({"error": errors[0]}).encode()
+        )
+        self.assertEqual(gateway.record["status"], status)
+        self.assertEqual(gateway.record["abort_reason"], reason)
+        self.assertEqual(gateway.pending_timers(), [])
         return errors[0]
 
 
-class FirstTokenTimeoutTests(HonestEndingMixin, SynchronousTestCase):
+class FirstTokenTimeoutTests(HonestEndingCase):
     """
     C{first_token_timeout_ms}: from the start of the request to the first
     event of a stream (comments do not count) or the first byte of a whole
@@ -134,7 +136,9 @@ class FirstTokenTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         gateway.clock.advance(0.999)
         self.assertEqual(gateway.raw, b"")
         gateway.clock.advance(0.001)
-        self.assert_error_status(gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms")
+        self.assert_error_status(
+            gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms"
+        )
         self.assertTrue(gateway.upstream.cancelled)
         self.assertEqual(gateway.pending_timers(), [])
 
@@ -146,7 +150,9 @@ class FirstTokenTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         gateway = gateway_for(self, first_token_timeout_ms=1000)
         upstream = gateway.stream()
         gateway.clock.advance(1)
-        self.assert_error_status(gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms")
+        self.assert_error_status(
+            gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms"
+        )
         self.assertTrue(upstream.transport.stopped)
 
     def test_measured_from_request_start(self) -> None:
@@ -158,7 +164,9 @@ class FirstTokenTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         gateway.clock.advance(0.8)
         upstream = gateway.answer(stream_response())
         gateway.clock.advance(0.2)
-        self.assert_error_status(gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms")
+        self.assert_error_status(
+            gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms"
+        )
         self.assertTrue(upstream.transport.stopped)
 
     def test_first_event_stops_it(self) -> None:
@@ -221,11 +229,13 @@ class FirstTokenTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         gateway.send(CHAT)
         upstream = gateway.answer(json_response(b""))
         gateway.clock.advance(1)
-        self.assert_error_status(gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms")
+        self.assert_error_status(
+            gateway, 504, "first_token_timeout_ms exceeded", "first_token_timeout_ms"
+        )
         self.assertTrue(upstream.transport.stopped)
 
 
-class StreamIdleTimeoutTests(HonestEndingMixin, SynchronousTestCase):
+class StreamIdleTimeoutTests(HonestEndingCase):
     """
     C{stream_idle_timeout_ms}: the longest gap between upstream chunks of a
     stream; chunks holding only comments do not count unless
@@ -259,7 +269,9 @@ class StreamIdleTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         gateway = gateway_for(self, stream_idle_timeout_ms=1000)
         upstream = gateway.stream()
         gateway.clock.advance(1)
-        self.assert_error_status(gateway, 504, "stream_idle_timeout_ms exceeded", "stream_idle_timeout_ms")
+        self.assert_error_status(
+            gateway, 504, "stream_idle_timeout_ms exceeded", "stream_idle_timeout_ms"
+        )
         self.assertTrue(upstream.transport.stopped)
 
     def test_upstream_comments_do_not_reset(self) -> None:
@@ -286,7 +298,9 @@ class StreamIdleTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         With C{stream_idle_timeout_counts_comments}, the upstream's comments
         keep the stream alive like any chunk.
         """
-        gateway = gateway_for(self, stream_idle_timeout_ms=1000, stream_idle_timeout_counts_comments=True)
+        gateway = gateway_for(
+            self, stream_idle_timeout_ms=1000, stream_idle_timeout_counts_comments=True
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"))
         for _ in range(10):
@@ -326,7 +340,7 @@ class StreamIdleTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         upstream = gateway.stream()
         upstream.data(delta("a"))
         gateway.clock.advance(0.9)
-        upstream.data(b": ping\n\ndata: {\"choi")
+        upstream.data(b': ping\n\ndata: {"choi')
         gateway.clock.advance(0.9)
         self.assertFalse(gateway.closed)
         upstream.data(b'ces": []}\n\n', DONE)
@@ -368,7 +382,7 @@ class StreamIdleTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         self.assertEqual(gateway.response().status, 200)
 
 
-class ReadTimeoutTests(HonestEndingMixin, SynchronousTestCase):
+class ReadTimeoutTests(HonestEndingCase):
     """
     The per-operation C{timeout} between two reads of the body, next to
     the stream timers.
@@ -402,7 +416,7 @@ class ReadTimeoutTests(HonestEndingMixin, SynchronousTestCase):
         self.assertTrue(upstream.transport.stopped)
 
 
-class DurationTimerTests(HonestEndingMixin, SynchronousTestCase):
+class DurationTimerTests(HonestEndingCase):
     """
     C{max_stream_duration_ms} is a timer: it ends a stream whose upstream is
     silent, or whose client is slow, without waiting for a chunk.
@@ -450,7 +464,7 @@ class DurationTimerTests(HonestEndingMixin, SynchronousTestCase):
         self.assertTrue(upstream.transport.stopped)
 
 
-class KeepaliveCommentTests(HonestEndingMixin, SynchronousTestCase):
+class KeepaliveCommentTests(HonestEndingCase):
     """
     C{keepalive_comment_interval_ms}: C{:} comments to a streaming client
     until the upstream's first body byte.
@@ -535,7 +549,10 @@ class KeepaliveCommentTests(HonestEndingMixin, SynchronousTestCase):
         gateway = Gateway(
             self,
             with_body_filters(
-                make_table({"keepalive_comment_interval_ms": 125, "streaming_flush_interval_ms": 0}), body_filter
+                make_table(
+                    {"keepalive_comment_interval_ms": 125, "streaming_flush_interval_ms": 0}
+                ),
+                body_filter,
             ),
         )
         gateway.send(CHAT_STREAM)
@@ -547,10 +564,15 @@ class KeepaliveCommentTests(HonestEndingMixin, SynchronousTestCase):
         self.assertEqual(body_filter.finished[0]["text"], "hello world")
         self.assertEqual(body_filter.finished[0]["usage"]["completion_tokens"], 3)
         record = gateway.record
-        self.assertEqual((record["prompt_tokens"], record["completion_tokens"], record["total_tokens"]), (7, 3, 10))
+        self.assertEqual(
+            (record["prompt_tokens"], record["completion_tokens"], record["total_tokens"]),
+            (7, 3, 10),
+        )
         response = gateway.response()
         self.assertEqual(response.chunks[:10], [b":\n\n"] * 10)
-        self.assertEqual(b"".join(response.chunks[10:]), delta("hello ") + delta("world") + USAGE + DONE)
+        self.assertEqual(
+            b"".join(response.chunks[10:]), delta("hello ") + delta("world") + USAGE + DONE
+        )
 
     def test_upstream_error_status_after_comments(self) -> None:
         """
@@ -607,7 +629,7 @@ class KeepaliveCommentTests(HonestEndingMixin, SynchronousTestCase):
         self.assertEqual(gateway.record["abort_reason"], "client_disconnect")
 
 
-class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
+class HonestEndingTests(HonestEndingCase):
     """
     However a stream ends early, the client can tell: an error event in its
     protocol that it can decode, no C{[DONE]}, no clean end.
@@ -624,7 +646,9 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
         upstream.data(delta("a"), b'data: {"choices": [{"delta": {"cont')
         upstream.end(ResponseFailed([Failure(ConnectionLost())]))
         error = self.assert_cut(gateway, "upstream_error")
-        self.assertEqual(error["message"], "upstream closed the connection before the response was complete")
+        self.assertEqual(
+            error["message"], "upstream closed the connection before the response was complete"
+        )
         self.assertIn(b'"cont\n\ndata: {"error"', gateway.response().body)
 
     def test_error_event_after_whole_event(self) -> None:
@@ -649,7 +673,9 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
         upstream.data(delta("a"), USAGE)
         upstream.end()
         error = self.assert_cut(gateway, "upstream_incomplete")
-        self.assertEqual(error["message"], "upstream ended the stream without its end-of-stream event")
+        self.assertEqual(
+            error["message"], "upstream ended the stream without its end-of-stream event"
+        )
 
     def test_anthropic_client(self) -> None:
         """
@@ -670,11 +696,18 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
         }
         gateway = Gateway(self, make_table(routes=[route]))
         gateway.send(
-            {"model": "claude", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            {
+                "model": "claude",
+                "max_tokens": 10,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
             path=b"/v1/messages",
         )
         upstream = gateway.answer(stream_response())
-        upstream.data(b'event: message_start\ndata: {"type": "message_start", "message": {"model": "claude"}}\n\n')
+        upstream.data(
+            b'event: message_start\ndata: {"type": "message_start", "message": {"model": "claude"}}\n\n'
+        )
         gateway.clock.advance(1)
         body = gateway.response().body
         self.assertFalse(gateway.response().complete)
@@ -683,7 +716,10 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
         self.assertEqual(last.event, "error")
         self.assertEqual(
             json.loads(last.data),
-            {"type": "error", "error": {"type": "api_error", "message": "stream_idle_timeout_ms exceeded"}},
+            {
+                "type": "error",
+                "error": {"type": "api_error", "message": "stream_idle_timeout_ms exceeded"},
+            },
         )
         self.assertEqual(gateway.record["abort_reason"], "stream_idle_timeout_ms")
         self.assertTrue(upstream.transport.stopped)
@@ -699,7 +735,9 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
 
         gateway = Gateway(
             self,
-            with_body_filters(make_table({"streaming_flush_interval_ms": 0}), ScriptedFilter(on_finish=boom)),
+            with_body_filters(
+                make_table({"streaming_flush_interval_ms": 0}), ScriptedFilter(on_finish=boom)
+            ),
         )
         upstream = gateway.stream()
         upstream.data(delta("a"), DONE)
@@ -724,7 +762,9 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
         upstream = gateway.answer(json_response(b""))
         upstream.data(b'{"choices": []}')
         upstream.end()
-        self.assert_error_status(gateway, 502, "internal error while relaying the response", "internal_error")
+        self.assert_error_status(
+            gateway, 502, "internal error while relaying the response", "internal_error"
+        )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_limits_leave_status_alone(self) -> None:
@@ -733,8 +773,16 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
         the upstream's.
         """
         for fields, act, reason in [
-            ({"max_response_bytes": 100}, lambda g, u: u.data(delta("x" * 200)), "max_response_bytes"),
-            ({"max_stream_duration_ms": 100}, lambda g, u: g.clock.advance(0.1), "max_stream_duration_ms"),
+            (
+                {"max_response_bytes": 100},
+                lambda g, u: u.data(delta("x" * 200)),
+                "max_response_bytes",
+            ),
+            (
+                {"max_stream_duration_ms": 100},
+                lambda g, u: g.clock.advance(0.1),
+                "max_stream_duration_ms",
+            ),
             ({"timeout": 100}, lambda g, u: g.clock.advance(0.1), "timeout"),
         ]:
             gateway = gateway_for(self, **fields)
@@ -744,4 +792,3 @@ class HonestEndingTests(HonestEndingMixin, SynchronousTestCase):
             act(gateway, upstream)
             self.assert_cut(gateway, reason, status=201)
             self.assertTrue(upstream.transport.stopped)
-
