@@ -67,6 +67,10 @@ _RELAYED_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"ratelimit")
 
 _STREAM_TYPES = (b"text/event-stream", b"application/vnd.amazon.eventstream")
 
+#: How long a client connection closed after a cut response may take to
+#: receive what was written to it before it is aborted.
+_CLOSE_GRACE_S = 30.0
+
 #: Headers of a response whose first bytes are keep-alive comments.
 _KEEPALIVE_HEADERS = (
     (b"content-type", [b"text/event-stream"]),
@@ -637,8 +641,23 @@ class Exchange:
         request = self.request
         request.unregisterProducer()
         if not request._disconnected:
-            request.channel.loseConnection()
+            channel = request.channel
+            channel.loseConnection()
+            # loseConnection waits until the client read everything written;
+            # one that stopped reading would keep the connection and its
+            # buffers for good (the channel's idle timeout does not run while
+            # a request is unfinished).
+            self._arm("close", _CLOSE_GRACE_S, lambda: self._abort_client(channel))
         self._log()
+
+    def _abort_client(self, channel: Any) -> None:
+        """
+        The client did not take the end of a cut response in time: drop the
+        connection without sending the rest.
+        """
+        if not self.request._disconnected:
+            log.info("aborting a client connection that does not read")
+            channel.transport.abortConnection()
 
     def _stop_upstream(self) -> None:
         """
@@ -672,6 +691,7 @@ class Exchange:
         """
         context = self.context
         if self._ended and context.abort_reason is not None:
+            self._cancel_timers()
             self._log()
             return
         if not self._ended:

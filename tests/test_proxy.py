@@ -996,7 +996,29 @@ class DurationLimitTests(SynchronousTestCase):
         self.assertNotIn(b"[DONE]", response.body)
         self.assertTrue(upstream.transport.stopped)
         self.assertEqual(gateway.record["abort_reason"], "max_stream_duration_ms")
+        gateway.disconnect()
         self.assertEqual(gateway.pending_timers(), [])
+        self.assertEqual(len(gateway.access_records()), 1)
+
+    def test_client_that_does_not_read(self) -> None:
+        """
+        A client that does not take the end of a cut stream (its buffers are
+        full) has its connection aborted after a grace period, instead of
+        keeping it open for good.
+        """
+        gateway = Gateway(self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 0}))
+        upstream = gateway.stream()
+        upstream.data(delta("a"))
+        gateway.pause()
+        gateway.clock.advance(1)
+        self.assertTrue(gateway.closed)
+        self.assertFalse(gateway.transport.disconnected)
+        gateway.clock.advance(29)
+        self.assertFalse(gateway.transport.disconnected)
+        gateway.clock.advance(1)
+        self.assertTrue(gateway.transport.disconnected)
+        self.assertEqual(gateway.pending_timers(), [])
+        self.assertIn("aborting a client connection that does not read", gateway.messages())
 
     def test_pending_interval_bytes_before_error(self) -> None:
         """
