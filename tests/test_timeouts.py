@@ -97,7 +97,8 @@ class HonestEndingCase(SynchronousTestCase):
         """
         Output had started: the status sent stays, the body ends with one
         error event naming C{reason} and no C{[DONE]}, the connection is
-        closed without the terminating chunk, and no timer is left.
+        closed without the terminating chunk, and once the connection is
+        gone no timer is left and the access record stays the only one.
 
         @return: the error event's C{error} object.
         """
@@ -115,7 +116,9 @@ class HonestEndingCase(SynchronousTestCase):
         )
         self.assertEqual(gateway.record["status"], status)
         self.assertEqual(gateway.record["abort_reason"], reason)
+        gateway.disconnect()
         self.assertEqual(gateway.pending_timers(), [])
+        self.assertEqual(len(gateway.access_records()), 1)
         return errors[0]
 
 
