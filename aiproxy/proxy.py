@@ -68,8 +68,9 @@ _RELAYED_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"ratelimit")
 _STREAM_TYPES = (b"text/event-stream", b"application/vnd.amazon.eventstream")
 
 #: How long a client connection closed after a cut response may take to
-#: receive what was written to it before it is aborted.
-_CLOSE_GRACE_S = 30.0
+#: receive what was written to it before the channel times it out (and
+#: aborts it, its abortTimeout later).
+_CLOSE_GRACE_S = 15.0
 
 #: Headers of a response whose first bytes are keep-alive comments.
 _KEEPALIVE_HEADERS = (
@@ -645,19 +646,11 @@ class Exchange:
             channel.loseConnection()
             # loseConnection waits until the client read everything written;
             # one that stopped reading would keep the connection and its
-            # buffers for good (the channel's idle timeout does not run while
-            # a request is unfinished).
-            self._arm("close", _CLOSE_GRACE_S, lambda: self._abort_client(channel))
+            # buffers for good, as the channel's idle timeout is off while a
+            # request is unfinished: restart it, short. When it fires the
+            # channel closes, then aborts after its abortTimeout (15 s).
+            channel.setTimeout(_CLOSE_GRACE_S)
         self._log()
-
-    def _abort_client(self, channel: Any) -> None:
-        """
-        The client did not take the end of a cut response in time: drop the
-        connection without sending the rest.
-        """
-        if not self.request._disconnected:
-            log.info("aborting a client connection that does not read")
-            channel.transport.abortConnection()
 
     def _stop_upstream(self) -> None:
         """
@@ -691,7 +684,6 @@ class Exchange:
         """
         context = self.context
         if self._ended and context.abort_reason is not None:
-            self._cancel_timers()
             self._log()
             return
         if not self._ended:

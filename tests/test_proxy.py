@@ -380,6 +380,16 @@ def request_bytes(
 # -- the gateway under test -------------------------------------------------------
 
 
+class ClientTransport(StringTransport):
+    """
+    A client connection's transport: a L{StringTransport} whose
+    C{unregisterProducer} tolerates having none, as TCP transports do.
+    """
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
 class Gateway:
     """
     A L{GatewaySite} over a route table, one client connection on a
@@ -401,7 +411,7 @@ class Gateway:
         """
         Open a new client connection (the previous one is left alone).
         """
-        self.transport = StringTransport()
+        self.transport = ClientTransport()
         self.channel = self.site.buildProtocol(None)
         self.channel.makeConnection(self.transport)
 
@@ -996,14 +1006,14 @@ class DurationLimitTests(SynchronousTestCase):
         self.assertNotIn(b"[DONE]", response.body)
         self.assertTrue(upstream.transport.stopped)
         self.assertEqual(gateway.record["abort_reason"], "max_stream_duration_ms")
-        gateway.disconnect()
         self.assertEqual(gateway.pending_timers(), [])
+        gateway.disconnect()
         self.assertEqual(len(gateway.access_records()), 1)
 
     def test_client_that_does_not_read(self) -> None:
         """
         A client that does not take the end of a cut stream (its buffers are
-        full) has its connection aborted after a grace period, instead of
+        full) has its connection timed out and then aborted, instead of
         keeping it open for good.
         """
         gateway = Gateway(self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 0}))
@@ -1012,13 +1022,13 @@ class DurationLimitTests(SynchronousTestCase):
         gateway.pause()
         gateway.clock.advance(1)
         self.assertTrue(gateway.closed)
-        self.assertFalse(gateway.transport.disconnected)
-        gateway.clock.advance(29)
-        self.assertFalse(gateway.transport.disconnected)
-        gateway.clock.advance(1)
-        self.assertTrue(gateway.transport.disconnected)
         self.assertEqual(gateway.pending_timers(), [])
-        self.assertIn("aborting a client connection that does not read", gateway.messages())
+        gateway.site_reactor.advance(14)
+        self.assertFalse(gateway.transport.disconnected)
+        gateway.site_reactor.advance(1)
+        self.assertFalse(gateway.transport.disconnected)
+        gateway.site_reactor.advance(15)
+        self.assertTrue(gateway.transport.disconnected)
 
     def test_pending_interval_bytes_before_error(self) -> None:
         """
