@@ -30,8 +30,9 @@ mock's counters, and the daemon's access records).
     python bench/soak.py --daemon-url http://127.0.0.1:9080 --mock-url http://127.0.0.1:7751 --daemon-pid N
 
 With given URLs the daemon must route C{/v1/chat/completions} to the mock
-(C{override.endpoint} = the mock's C{/v1/chat/completions}), and the mock
-must be fresh (its request numbers are read from its counters).
+(C{override.endpoint} = the mock's C{/v1/chat/completions}) without changing
+the request body otherwise (no C{options}, no C{override.request_body}), and
+no other client should use the mock meanwhile (its counters are compared).
 Exit status 0 when nothing was lost, duplicated or corrupted and every
 aborted stream was closed upstream; 1 otherwise.
 """
