@@ -1,0 +1,319 @@
+"""
+Proxy benchmark: the real `twistd aiproxy` between a fast upstream and a
+load client, both in this process (asyncio, raw sockets, so they cost little
+next to the proxy).
+
+Measures, per scenario: events/s and requests/s the client received, the
+proxy's CPU time per event (or per request), time to first token and the
+number of HTTP chunks per stream the client saw (the flush mode made
+visible). Figures are for comparing runs on one machine: compare ratios
+within one run, not absolute numbers across machines.
+
+    python bench/bench_proxy.py                       # every scenario
+    python bench/bench_proxy.py --scenario paced --flush-ms 0,10
+    python bench/bench_proxy.py --pin 1               # proxy on CPU 1 (taskset)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the upstream -------------------------------------------------------------
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _events(count: int) -> list[bytes]:
+    """
+    OpenAI chat.completion.chunk events (distinct content per event), the
+    usage chunk and [DONE].
+    """
+    out = []
+    for i in range(count):
+        delta = {"content": f"tok{i} "} if i else {"role": "assistant", "content": ""}
+        document = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "bench-model",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            "usage": None,
+        }
+        out.append(b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n")
+    usage = {"prompt_tokens": 10, "completion_tokens": count, "total_tokens": count + 10}
+    out.append(b'data: {"id":"chatcmpl-bench","choices":[],"usage":' + json.dumps(usage).encode() + b"}\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+NONSTREAM_BODY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "model": "bench-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+    }
+).encode()
+
+
+class Upstream:
+    """
+    An HTTP/1.1 keep-alive server: streams (one write per event, `delay_ms`
+    apart) or a small JSON body, chosen by the request's `"stream":true`.
+    """
+
+    def __init__(self, events: int, delay_ms: float) -> None:
+        self.chunks = [_chunk(e) for e in _events(events)] + [b"0\r\n\r\n"]
+        self.delay = delay_ms / 1000.0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await reader.readexactly(length)
+                if json.loads(body).get("stream") is True:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    last = len(self.chunks) - 1
+                    for index, piece in enumerate(self.chunks):
+                        writer.write(piece)
+                        await writer.drain()
+                        if self.delay and index < last:
+                            await asyncio.sleep(self.delay)
+                else:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(NONSTREAM_BODY), NONSTREAM_BODY)
+                    )
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+# -- the client ---------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    requests: int = 0
+    events: int = 0
+    errors: int = 0
+    ttft: list[float] = field(default_factory=list)
+    chunks_per_stream: list[int] = field(default_factory=list)
+
+
+async def _read_response(reader: asyncio.StreamReader, results: Results, started: float, stream: bool) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise ValueError(head.split(b"\r\n", 1)[0].decode())
+    if not stream:
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        return
+    events = chunks = 0
+    first = None
+    while True:
+        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            break
+        chunks += 1
+        count = data.count(b"data: ")
+        if count and first is None:
+            first = time.perf_counter() - started
+        events += count
+    if first is not None:
+        results.ttft.append(first * 1000)
+    results.events += events
+    results.chunks_per_stream.append(chunks)
+
+
+async def client(port: int, stream: bool, deadline: float, count: int | None, results: Results) -> None:
+    body = json.dumps(
+        {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    ).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    done = 0
+    try:
+        while time.perf_counter() < deadline and (count is None or done < count):
+            started = time.perf_counter()
+            writer.write(request)
+            try:
+                await _read_response(reader, results, started, stream)
+            except (ValueError, asyncio.IncompleteReadError, ConnectionError):
+                results.errors += 1
+                return
+            results.requests += 1
+            done += 1
+    finally:
+        writer.close()
+
+
+# -- the proxy ----------------------------------------------------------------
+
+CONFIG = """\
+listen: "tcp:port={port}:interface=127.0.0.1"
+routes:
+  - uri: /v1/chat/completions
+    plugins:
+      ai-proxy:
+        provider: openai
+        auth: {{header: {{Authorization: "Bearer bench"}}}}
+        options: {{model: bench-model}}
+        override: {{endpoint: "http://127.0.0.1:{upstream}/v1/chat/completions"}}
+        streaming_flush_interval_ms: {flush}
+        keepalive_pool: 1024
+{extra}"""
+
+
+def _twistd() -> list[str]:
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(twistd):
+        return [twistd]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _wait_ready(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the proxy did not start")
+
+
+SCENARIOS = {
+    # name: (events per stream, upstream delay ms, concurrency, stream?, seconds)
+    "throughput": (200, 0, 64, True, 8.0),
+    "paced": (200, 5, 64, True, 8.0),
+    "latency": (50, 20, 1, True, 6.0),
+    "nonstream": (0, 0, 32, False, 8.0),
+}
+
+
+async def run(scenario: str, flush_ms: int, pin: str | None, filters: str) -> dict:
+    events, delay, concurrency, stream, seconds = SCENARIOS[scenario]
+    upstream = Upstream(events, delay)
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0, backlog=2048)
+    upstream_port = server.sockets[0].getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        port = 20000 + os.getpid() % 10000
+        path = os.path.join(tmp, "aiproxy.yaml")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(port=port, upstream=upstream_port, flush=flush_ms, extra=filters))
+        argv = _twistd() + ["-n", "--pidfile=", "aiproxy", "--config", path]
+        if pin is not None and shutil.which("taskset"):
+            argv = ["taskset", "-c", pin] + argv
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proxy = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+        try:
+            await _wait_ready(port)
+            warm = Results()
+            await asyncio.gather(
+                *(client(port, stream, time.perf_counter() + 1.0, None, warm) for _ in range(concurrency))
+            )
+            results = Results()
+            cpu0, wall0 = _cpu_seconds(proxy.pid), time.perf_counter()
+            await asyncio.gather(
+                *(client(port, stream, wall0 + seconds, None, results) for _ in range(concurrency))
+            )
+            wall = time.perf_counter() - wall0
+            cpu = _cpu_seconds(proxy.pid) - cpu0
+            rss = _rss_mb(proxy.pid)
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait(10)
+            server.close()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+    units = results.events if stream else results.requests
+    return {
+        "scenario": scenario,
+        "flush_ms": flush_ms,
+        "requests_per_s": results.requests / wall,
+        "events_per_s": results.events / wall,
+        "proxy_cpu_pct": 100 * cpu / wall,
+        "cpu_us_per_unit": 1e6 * cpu / units if units else None,
+        "ttft_p50_ms": statistics.median(results.ttft) if results.ttft else None,
+        "ttft_p99_ms": sorted(results.ttft)[int(len(results.ttft) * 0.99)] if results.ttft else None,
+        "chunks_per_stream": statistics.median(results.chunks_per_stream) if results.chunks_per_stream else None,
+        "errors": results.errors,
+        "rss_mb": rss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", default="all", help="one of " + ", ".join(SCENARIOS) + ", or all")
+    parser.add_argument("--flush-ms", default="0", help="streaming_flush_interval_ms values, comma-separated")
+    parser.add_argument("--pin", default=None, help="CPU list for the proxy (taskset)")
+    parser.add_argument("--regex-filter", action="store_true", help="add an ai-response-redact rule")
+    args = parser.parse_args()
+    scenarios = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+    filters = ""
+    if args.regex_filter:
+        filters = "      ai-response-redact: {rules: [{pattern: 'sk-[A-Za-z0-9]{20,}', replacement: '[key]'}]}\n"
+    print("| scenario | flush_ms | req/s | events/s | proxy CPU % | CPU µs/event (or /request) | TTFT p50 ms | TTFT p99 ms | HTTP chunks/stream | errors | RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for scenario in scenarios:
+        for flush in (int(x) for x in args.flush_ms.split(",")):
+            r = asyncio.run(run(scenario, flush, args.pin, filters))
+
+            def fmt(value: float | None, spec: str = ".1f") -> str:
+                return "-" if value is None else format(value, spec)
+
+            print(
+                f"| {scenario} | {flush} | {fmt(r['requests_per_s'], '.0f')} | {fmt(r['events_per_s'], '.0f')} "
+                f"| {fmt(r['proxy_cpu_pct'])} | {fmt(r['cpu_us_per_unit'])} | {fmt(r['ttft_p50_ms'], '.2f')} "
+                f"| {fmt(r['ttft_p99_ms'], '.2f')} | {fmt(r['chunks_per_stream'], '.0f')} | {r['errors']} "
+                f"| {fmt(r['rss_mb'])} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
