@@ -6,16 +6,19 @@ run in threads.
 Use it from a trial L{twisted.trial.unittest.TestCase} (real reactor) with
 C{async def} tests::
 
-    from tests.daemon import ROUTE_API_KEY, RawHTTPClient, in_thread, proxy_route, start_daemon, start_mock
+    from tests.daemon import http_call, in_thread, proxy_route, start_daemon, start_mock
 
     class MyTests(TestCase):
         async def test_stream(self) -> None:
             mock = await start_mock(self)
             daemon = await start_daemon(self, [proxy_route(mock, streaming_flush_interval_ms=0)])
-            response = await in_thread(http_call, daemon.port, "POST", "/v1/chat/completions", {...})
-            self.assertEqual(response.status, 200)
-            self.assertEqual(mock.stats()["requests"], 1)
-            record = (await daemon.wait_for_records(1))[0]
+            response = await in_thread(
+                http_call, daemon.port, body={"messages": [...], "stream": True},
+                headers={"x-mock-events": "3"},
+            )
+            self.assertEqual(response.status, 200)        # response.chunks: the HTTP chunks
+            self.assertEqual(mock.stats()["requests"], 1)  # as GET /_mock/stats shows them
+            record = (await daemon.wait_for_records(1))[0]  # the access record
 
 Everything started is stopped by the test's cleanups (the daemon with
 SIGTERM, then SIGKILL if it lingers; the mock after its last connection is
@@ -26,6 +29,9 @@ daemon's start-up time (about a second) matters.
 
 Blocking code (the C{openai} SDK, L{RawHTTPClient}, L{http_call}) must run
 in a thread with L{in_thread}, so that the in-process mock keeps serving.
+The mock is a L{MockUpstream} on a site of our own rather than
+L{aiproxy.testing.upstream.start_mock_upstream}'s, so that cleanup can wait
+for its connections to close.
 """
 
 from __future__ import annotations
@@ -350,8 +356,16 @@ class ChildProcess(ProcessProtocol):
         self.running = True
 
     @property
+    def process(self) -> Any:
+        """
+        The process transport (once spawned).
+        """
+        assert self.transport is not None, "not spawned"
+        return self.transport
+
+    @property
     def pid(self) -> int:
-        return self.transport.pid  # type: ignore[no-any-return]
+        return self.process.pid  # type: ignore[no-any-return]
 
     async def wait_exit(self, timeout: float = 10.0) -> int | None:
         """
@@ -366,19 +380,19 @@ class ChildProcess(ProcessProtocol):
         """
         if not self.running:
             return
-        self.transport.signalProcess("TERM")
+        self.process.signalProcess("TERM")
         try:
             await wait_until(lambda: not self.running, timeout, what=f"{self.command} to stop")
         except AssertionError:
             if self.running:
-                self.transport.signalProcess("KILL")
+                self.process.signalProcess("KILL")
             await self.ended
 
     def signal(self, name: str) -> None:
         """
         Send a signal (C{"HUP"}, C{"TERM"}, ...).
         """
-        self.transport.signalProcess(name)
+        self.process.signalProcess(name)
 
     @property
     def output(self) -> str:
@@ -399,8 +413,8 @@ class Daemon(ChildProcess):
     """
     A C{twistd -n --pidfile= aiproxy --config PATH ...} child process.
 
-    @ivar port: the TCP port of its first listener, from its
-        C{GatewaySite starting on <port>} line.
+    @ivar listening_port: the TCP port of its first listener, from its
+        C{GatewaySite starting on <port>} line; L{None} until then.
     """
 
     def __init__(
@@ -409,13 +423,21 @@ class Daemon(ChildProcess):
         self.config = config
         command = twistd_command() + ["-n", "--pidfile=", "aiproxy", "--config", str(config), *args]
         super().__init__(command, env)
-        self.port: int | None = None
+        self.listening_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """
+        The TCP port of its first listener (once started).
+        """
+        assert self.listening_port is not None, "the daemon is not listening"
+        return self.listening_port
 
     def line_received(self, line: str) -> None:
-        if self.port is None:
+        if self.listening_port is None:
             match = _PORT_LINE.search(line)
             if match:
-                self.port = int(match.group(1))
+                self.listening_port = int(match.group(1))
 
     async def start(self, timeout: float = 20.0) -> Daemon:
         """
@@ -427,13 +449,13 @@ class Daemon(ChildProcess):
         self.spawn()
         try:
             await wait_until(
-                lambda: self.port is not None or not self.running,
+                lambda: self.listening_port is not None or not self.running,
                 timeout,
                 what="the daemon to listen",
             )
         except AssertionError:
             raise AssertionError("daemon did not start:\n" + self.output) from None
-        if self.port is None:
+        if self.listening_port is None:
             raise AssertionError(f"daemon exited with {self.exit_code}:\n" + self.output)
         return self
 
@@ -574,12 +596,13 @@ class RawHTTPClient:
         method: str = "POST",
         path: str = "/v1/chat/completions",
         body: bytes | Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str | None] | None = None,
         send_body: bool = True,
     ) -> None:
         """
         Send a request; a mapping body is sent as JSON with a
-        C{Content-Type: application/json} unless C{headers} names another.
+        C{Content-Type: application/json} unless C{headers} names another;
+        a header given as L{None} is not sent.
         """
         raw = json.dumps(body).encode() if isinstance(body, Mapping) else (body or b"")
         all_headers = {"Host": "127.0.0.1", "Content-Length": str(len(raw))}

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
@@ -55,7 +56,7 @@ ACCESS_KEYS = frozenset(
     }
 )
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "gpt-e2e", "messages": MESSAGES}
 CHAT_STREAM = {**CHAT, "stream": True}
 
@@ -707,7 +708,7 @@ class ConfigTests(TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn(self.PROBLEM, daemon.lines)
         self.assertIn("unknown_key: unknown key 'unknown_key'", daemon.lines)
-        self.assertIsNone(daemon.port)
+        self.assertIsNone(daemon.listening_port)
 
     async def test_check_command(self) -> None:
         """
@@ -822,7 +823,7 @@ class ConnectionTests(TestCase):
                     completion = client.chat.completions.create(
                         model="gpt-e2e", messages=MESSAGES, extra_headers=headers
                     )
-                    texts.append(completion.choices[0].message.content)
+                    texts.append(completion.choices[0].message.content or "")
             try:
                 cut = client.chat.completions.create(
                     model="gpt-e2e",
@@ -837,7 +838,7 @@ class ConnectionTests(TestCase):
             completion = client.chat.completions.create(
                 model="gpt-e2e", messages=MESSAGES, extra_headers={"x-mock-text": "after"}
             )
-            texts.append(completion.choices[0].message.content)
+            texts.append(completion.choices[0].message.content or "")
             return texts
 
         texts = await in_thread(run)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
@@ -28,7 +28,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
@@ -403,8 +403,9 @@ class Gateway:
         self.resource = GatewayResource(table, self.clock)
         self.site = GatewaySite(self.resource, reactor=self.site_reactor)
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        testcase.addCleanup(globalLogPublisher.removeObserver, observer)
         self.connect()
 
     def connect(self) -> None:
@@ -447,13 +448,17 @@ class Gateway:
         """
         The client's socket buffer is full: its transport pauses the channel.
         """
-        self.transport.producer.pauseProducing()
+        producer = self.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
 
     def resume(self) -> None:
         """
         The client's socket buffer drained.
         """
-        self.transport.producer.resumeProducing()
+        producer = self.transport.producer
+        assert producer is not None
+        producer.resumeProducing()
 
     def disconnect(self) -> None:
         """
@@ -731,7 +736,7 @@ class ResponseStartTests(SynchronousTestCase):
         response = gateway.response()
         self.assertTrue(response.complete)
         self.assertEqual(response.chunks, chunks)
-        self.assertIsNone(gateway.transport.producer._requestProducer)
+        self.assertIsNone(gateway.transport.producer._requestProducer)  # type: ignore[attr-defined]
         self.assertFalse(upstream.transport.stopped)
         self.assertEqual(gateway.pending_timers(), [])
 
@@ -1016,7 +1021,9 @@ class DurationLimitTests(SynchronousTestCase):
         full) has its connection timed out and then aborted, instead of
         keeping it open for good.
         """
-        gateway = Gateway(self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 0}))
+        gateway = Gateway(
+            self, make_table({"max_stream_duration_ms": 1000, "streaming_flush_interval_ms": 0})
+        )
         upstream = gateway.stream()
         upstream.data(delta("a"))
         gateway.pause()

@@ -327,7 +327,7 @@ class RequestErrorTests(SynchronousTestCase):
         a request type without the early check.
         """
         gateway = Gateway(self, make_table({"max_req_body_size": 10}))
-        gateway.site.requestFactory = Request
+        gateway.site.requestFactory = Request  # type: ignore[assignment]
         gateway.connect()
         gateway.send()
         response = gateway.response()
