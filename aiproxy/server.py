@@ -61,7 +61,9 @@ class NoRouteResource(Resource):
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")
         body = _json_error("404 Route Not Found")
-        size = request.content.seek(0, 2) if request.content is not None else 0
+        size = getattr(request, "_received", None)
+        if size is None:
+            size = request.content.seek(0, 2) if request.content is not None else 0
         _log_rejection(
             self.monitor, _rejection_record(request.method, request.path, 404, bytes_in=size, bytes_out=len(body))
         )
@@ -134,7 +136,11 @@ class GatewayResource(Resource):
         return self.table.match(path.partition(b"?")[0].decode("latin-1"), method.decode("latin-1"))
 
     def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
-        route = self.match(request.path, request.method)
+        if getattr(request, "matched", False):
+            # Decided when its headers were in, before a reload could land.
+            route = request._route  # type: ignore[attr-defined]
+        else:
+            route = self.match(request.path, request.method)
         if route is None:
             return self._no_route
         resource = self._resources.get(id(route))
@@ -155,12 +161,17 @@ class GatewayResource(Resource):
 
 class GatewayRequest(Request):
     """
-    A request that is refused with 404 or 413 as soon as its headers are
-    in, when its path has no route or its declared (or received) body is
-    larger than the route's C{max_req_body_size}, without reading the body.
+    A request whose route is found as soon as its headers are in (a reload
+    after that does not change it): over the route's C{max_req_body_size}
+    by its declared (or received) length it is refused with 413 without
+    reading the body; without a route its body is counted but not kept,
+    and a 404 follows.
     """
 
     _route: Route | None = None
+    #: The route was looked up when the headers were in (C{_route}, maybe
+    #: L{None}); the request is served by that answer.
+    matched = False
     _received = 0
     _refused = False
 
@@ -172,6 +183,7 @@ class GatewayRequest(Request):
         if path is None or command is None:
             return
         self._route = site.resource.match(path, command)
+        self.matched = True
         if self._route is not None and length is not None and length > self._route.conf["max_req_body_size"]:
             self._refuse(path, command, length)
 
@@ -179,6 +191,9 @@ class GatewayRequest(Request):
         if self._refused:
             return
         self._received += len(data)
+        if self.matched and self._route is None:
+            # A 404 follows: the body is counted, not kept.
+            return
         if self._route is not None and self._received > self._route.conf["max_req_body_size"]:
             self._refuse(
                 getattr(self.channel, "_path", b""), getattr(self.channel, "_command", b""), self._received

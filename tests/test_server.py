@@ -342,3 +342,60 @@ class RequestErrorTests(SynchronousTestCase):
         gateway = Gateway(self, make_table({"streaming_flush_interval_ms": 0}))
         gateway.stream().data(delta("a"))
         self.assertEqual(gateway.response().chunks, [delta("a")])
+
+
+class HeaderTimeRoutingTests(SynchronousTestCase):
+    """
+    A request's route is decided when its headers are in, and an unknown
+    path's body is not kept.
+    """
+
+    def partial(self, gateway: Gateway, path: bytes, body: bytes) -> None:
+        """
+        Send the head of a request and all of its body but the last byte.
+        """
+        raw = request_bytes(body, path=path)
+        gateway.channel.dataReceived(raw[:-1])
+        self.last_byte = raw[-1:]
+
+    def pending_request(self, gateway: Gateway) -> Any:
+        return gateway.channel._channel.requests[-1]  # type: ignore[attr-defined]
+
+    def test_unknown_path_body_not_kept(self) -> None:
+        """
+        The body of a request no route serves is counted, not stored: a
+        client cannot fill memory or disk through the 404 path.
+        """
+        gateway = Gateway(self, make_table())
+        body = b"x" * 200_000
+        self.partial(gateway, b"/nowhere", body)
+        self.assertEqual(self.pending_request(gateway).content.tell(), 0)
+        gateway.channel.dataReceived(self.last_byte)
+        response = gateway.response()
+        self.assertEqual(response.status, 404)
+        self.assertEqual(gateway.record["bytes_in"], len(body))
+        self.assertFalse(gateway.closed)
+
+    def test_route_added_during_upload(self) -> None:
+        """
+        A reload that adds a route while a request's body is arriving does
+        not change that request's answer.
+        """
+        gateway = Gateway(self, make_table())
+        self.partial(gateway, b"/v1/later", json.dumps(CHAT).encode())
+        gateway.resource.set_table(make_table(routes=[route("later", "/v1/later")]))
+        gateway.channel.dataReceived(self.last_byte)
+        self.assertEqual(gateway.response().status, 404)
+
+    def test_route_removed_during_upload(self) -> None:
+        """
+        A request whose route a reload removes while its body is arriving is
+        still served by that route.
+        """
+        table = make_table()
+        gateway = Gateway(self, table)
+        self.partial(gateway, b"/v1/chat/completions", json.dumps(CHAT).encode())
+        gateway.resource.set_table(make_table(routes=[route("other", "/v1/other")]))
+        gateway.channel.dataReceived(self.last_byte)
+        self.assertEqual(len(gateway.client.calls), 1)
+        self.assertEqual(gateway.upstream.body, json.dumps(CHAT).encode())
