@@ -5,10 +5,14 @@ The seams of aiproxy: every pluggable part is a zope L{Interface}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from zope.interface import Attribute, Interface
 
 __all__ = [
     "IBodyFilter",
+    "IExchangeMonitor",
     "IBodyFilterFactory",
     "IFilterPlugin",
     "IRequestFilter",
@@ -108,4 +112,35 @@ class IFilterPlugin(Interface):
             C{config_schema} with defaults filled in.
         @return: an object providing L{IRequestFilter}, L{IBodyFilterFactory}
             or both.
+        """
+
+
+class IExchangeMonitor(Interface):
+    """
+    Sees every proxied request (L{aiproxy.proxy.Exchange}) of the gateway:
+    for the drain (which are in flight), the reload (which routes are still
+    used) and the metrics. Called on the reactor thread.
+    """
+
+    in_flight = Attribute(
+        "The exchanges started and not ended, in start order (a dict used as a set)."
+    )
+
+    def exchange_started(exchange: Any) -> None:
+        """
+        C{exchange} started; it will end with exactly one L{exchange_ended}.
+        """
+
+    def stream_started(exchange: Any) -> Callable[[float], None] | None:
+        """
+        C{exchange} began relaying a streamed response.
+
+        @return: a function to call with the gap (seconds) before each
+            upstream chunk after the first, or L{None} when nobody wants
+            them: the exchange then costs nothing more per chunk.
+        """
+
+    def exchange_ended(exchange: Any, record: Any) -> None:
+        """
+        C{exchange} ended; C{record} is its access record.
         """

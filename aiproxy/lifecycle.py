@@ -31,15 +31,15 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, succ
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from aiproxy.config import Config, ConfigError, load_config
+from aiproxy.interfaces import IExchangeMonitor
 from aiproxy.routes import RouteTable, build_routes
 
 __all__ = [
     "DrainService",
     "ExchangeMonitor",
-    "IExchangeMonitor",
     "ReloadService",
     "SHUTDOWN_REASON",
 ]
@@ -55,37 +55,6 @@ FLUSH_TIMEOUT_S = 5.0
 
 #: How often the drain looks at the client connections while they close.
 _POLL_S = 0.05
-
-
-class IExchangeMonitor(Interface):
-    """
-    Sees every proxied request (L{aiproxy.proxy.Exchange}) of the gateway:
-    for the drain (which are in flight), the reload (which routes are still
-    used) and the metrics. Called on the reactor thread.
-    """
-
-    in_flight = Attribute(
-        "The exchanges started and not ended, in start order (a dict used as a set)."
-    )
-
-    def exchange_started(exchange: Any) -> None:
-        """
-        C{exchange} started; it will end with exactly one L{exchange_ended}.
-        """
-
-    def stream_started(exchange: Any) -> Callable[[float], None] | None:
-        """
-        C{exchange} began relaying a streamed response.
-
-        @return: a function to call with the gap (seconds) before each
-            upstream chunk after the first, or L{None} when nobody wants
-            them: the exchange then costs nothing more per chunk.
-        """
-
-    def exchange_ended(exchange: Any, record: Any) -> None:
-        """
-        C{exchange} ended; C{record} is its access record.
-        """
 
 
 @implementer(IExchangeMonitor)

@@ -150,7 +150,7 @@ class Exchange:
 
     def __init__(self, route: Route, request: Request, clock: IReactorTime, monitor: Any = None) -> None:
         """
-        @param monitor: the gateway's L{aiproxy.lifecycle.IExchangeMonitor},
+        @param monitor: the gateway's L{aiproxy.interfaces.IExchangeMonitor},
             told when this exchange starts, streams and ends; or L{None}.
         """
         self.route = route

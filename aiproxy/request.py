@@ -52,6 +52,7 @@ _DROPPED = frozenset(
         b"host",
         b"content-length",
         b"accept-encoding",
+        b"expect",
         b"content-type",
     }
 )

@@ -7,8 +7,8 @@ a L{Request} that refuses an oversized body before reading it.
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 import weakref
+from http import HTTPStatus
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -20,8 +20,8 @@ from aiproxy.accesslog import log_access
 from aiproxy.context import ExchangeContext
 from aiproxy.proxy import Exchange
 from aiproxy.request import too_large_message
-from aiproxy.upstream import set_no_delay
 from aiproxy.routes import Route, RouteTable
+from aiproxy.upstream import set_no_delay
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite"]
 
@@ -54,7 +54,7 @@ class NoRouteResource(Resource):
 
     isLeaf = True
 
-    #: The L{aiproxy.lifecycle.IExchangeMonitor} whose metrics count the 404s.
+    #: The L{aiproxy.interfaces.IExchangeMonitor} whose metrics count the 404s.
     monitor: Any = None
 
     def render(self, request: Request) -> bytes:
@@ -116,7 +116,7 @@ class GatewayResource(Resource):
 
     @ivar table: the routes in force; replacing it (on reload) affects new
         requests only, as each request keeps the route it started with.
-    @ivar monitor: the L{aiproxy.lifecycle.IExchangeMonitor} every exchange
+    @ivar monitor: the L{aiproxy.interfaces.IExchangeMonitor} every exchange
         reports to, or L{None}.
     """
 
@@ -279,6 +279,11 @@ def _gateway_channel(factory: Site) -> _GenericHTTPChannelProtocol:
     return _GenericHTTPChannelProtocol(GatewayChannel())
 
 
+#: Seconds an idle kept-alive client connection stays open (as nginx's
+#: C{keepalive_timeout}); no limit applies while a request is in progress.
+CLIENT_IDLE_TIMEOUT = 75
+
+
 class GatewaySite(Site):
     """
     The gateway's site: L{GatewayRequest}s, and no Twisted access log (the
@@ -289,6 +294,7 @@ class GatewaySite(Site):
     protocol = _gateway_channel  # type: ignore[assignment]
 
     def __init__(self, resource: GatewayResource, **kwargs: Any) -> None:
+        kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
         super().__init__(resource, **kwargs)
         #: The open client connections (their protocols), for the drain.
         self.connections: weakref.WeakSet[Any] = weakref.WeakSet()

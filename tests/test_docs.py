@@ -161,7 +161,7 @@ class ExampleTests(SynchronousTestCase):
         """
         blocks = _fences(CONFIGURATION.read_text("utf-8"))
         checked = 0
-        for (lang, body), (next_lang, expected) in zip(blocks, blocks[1:]):
+        for (lang, body), (next_lang, expected) in zip(blocks, blocks[1:], strict=False):
             if lang == "yaml" and body.startswith("# invalid"):
                 self.assertEqual(next_lang, "text")
                 with self.assertRaises(ConfigError) as raised:

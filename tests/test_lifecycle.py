@@ -23,11 +23,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aiproxy.config import load_config, parse_config
+from aiproxy.interfaces import IExchangeMonitor
 from aiproxy.lifecycle import (
     SHUTDOWN_REASON,
     DrainService,
     ExchangeMonitor,
-    IExchangeMonitor,
     ReloadService,
 )
 from aiproxy.metrics import Metrics
