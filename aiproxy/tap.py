@@ -72,6 +72,23 @@ class Options(usage.Options):
                 raise usage.UsageError(problem)
 
 
+#: The listen backlog of TCP, SSL and UNIX endpoints that do not set one:
+#: Twisted's default of 50 drops connections (SYN retries cost a second or
+#: more) when many clients arrive at once.
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(endpoint: str) -> str:
+    """
+    C{endpoint} with C{backlog=DEFAULT_BACKLOG} added when it is a TCP, SSL
+    or UNIX endpoint string without a backlog of its own.
+    """
+    kind = endpoint.split(":", 1)[0].strip().lower()
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={DEFAULT_BACKLOG}"
+    return endpoint
+
+
 def _listen_problem(reactor: Any, endpoint: str) -> str | None:
     """
     Why the gateway cannot listen on C{endpoint}, known before listening:
@@ -144,7 +161,7 @@ class GatewayService(MultiService):
         )
         self.drain.setServiceParent(self)
         for endpoint in listen or config.listen:
-            listener = StreamServerEndpointService(serverFromString(reactor, endpoint), self.site)
+            listener = StreamServerEndpointService(serverFromString(reactor, with_backlog(endpoint)), self.site)
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
         if self.metrics is not None:

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from aiproxy import check
 from aiproxy.config import Config
 from aiproxy.routes import RouteTable
-from aiproxy.tap import Options, makeService
+from aiproxy.tap import DEFAULT_BACKLOG, Options, makeService, with_backlog
 
 VALID = """
 listen: "tcp:port=0:interface=127.0.0.1"
@@ -174,6 +174,27 @@ class OptionsTests(SynchronousTestCase, ConfigFileMixin):
         options.parseOptions(["-c", self.config_file(VALID)])
         service = makeService(options)
         self.assertEqual(len([s for s in service if isinstance(s, StreamServerEndpointService)]), 1)
+
+
+class BacklogTests(SynchronousTestCase):
+    """
+    Listeners get a backlog that survives a burst of connections.
+    """
+
+    def test_added(self) -> None:
+        """
+        TCP, SSL and UNIX endpoints without a backlog get C{DEFAULT_BACKLOG}.
+        """
+        for endpoint in ("tcp:9080", "tcp6:port=9080", "ssl:port=8443:privateKey=k.pem", "unix:/run/a.sock"):
+            self.assertEqual(with_backlog(endpoint), f"{endpoint}:backlog={DEFAULT_BACKLOG}")
+
+    def test_kept(self) -> None:
+        """
+        An explicit backlog, and endpoints that have none to set (systemd's
+        sockets are already listening), are left alone.
+        """
+        for endpoint in ("tcp:port=9080:backlog=5", "systemd:domain=INET:name=aiproxy"):
+            self.assertEqual(with_backlog(endpoint), endpoint)
 
 
 class CheckTests(SynchronousTestCase, ConfigFileMixin):
