@@ -295,6 +295,9 @@ class GatewaySite(Site):
 
     def __init__(self, resource: GatewayResource, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
+        # Bodies are JSON: never parse them as HTML form submissions (Twisted
+        # would parse every POST's Content-Type with the email package).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kwargs)
         #: The open client connections (their protocols), for the drain.
         self.connections: weakref.WeakSet[Any] = weakref.WeakSet()

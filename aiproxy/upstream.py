@@ -18,13 +18,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
+    _StandardEndpointFactory,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 __all__ = ["UpstreamClient", "set_no_delay", "tls_policy"]
@@ -170,6 +172,29 @@ class _QuietFactory(_HTTP11ClientFactory):
         return _UpstreamProtocol(self._quiescentCallback)
 
 
+@implementer(IAgentEndpointFactory)
+class _EndpointCache:
+    """
+    One client endpoint per upstream scheme, host and port, reused by every
+    request: building one parses and IDNA-encodes the host and, for HTTPS,
+    creates the TLS options (a new SSL context) each time.
+    """
+
+    def __init__(self, factory: IAgentEndpointFactory, size: int = 64) -> None:
+        self._factory = factory
+        self._size = size
+        self._endpoints: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def endpointForURI(self, uri: URI) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= self._size:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._factory.endpointForURI(uri)
+        return endpoint
+
+
 class _QuietPool(HTTPConnectionPool):
     """
     A connection pool whose new connections are not logged one by one.
@@ -195,12 +220,10 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = conf["keepalive_pool"]
         self.pool.cachedConnectionTimeout = conf["keepalive_timeout"] / 1000.0
         self.pool.retryAutomatically = False
-        agent = Agent(
-            reactor,
-            contextFactory=tls_policy(conf),
-            connectTimeout=self._timeout,
-            pool=self.pool,
+        endpoints = _EndpointCache(
+            _StandardEndpointFactory(reactor, tls_policy(conf), self._timeout, None)
         )
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         self._http = HTTPClient(agent, cookiejar=_NoCookies(), data_to_body_producer=BytesProducer)
         self._urls: dict[str, _PreparedURL] = {}
 
