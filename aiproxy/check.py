@@ -23,7 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     @return: the exit status.
     """
-    parser = argparse.ArgumentParser(prog="aiproxy-check", description="Validate an aiproxy config file.")
+    parser = argparse.ArgumentParser(
+        prog="aiproxy-check", description="Validate an aiproxy config file."
+    )
     parser.add_argument("path", nargs="?", help="the YAML config file")
     parser.add_argument("-c", "--config", dest="config", help="the YAML config file")
     args = parser.parse_args(argv)

@@ -154,8 +154,12 @@ class ExchangeContext:
             cached = _int(details.get("cached_tokens"))
         if cached is None:
             cached = _int(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
-        out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
+        out_details = (
+            usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        )
+        reasoning = (
+            _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else None
+        )
         self.prompt_tokens = _later(self.prompt_tokens, prompt)
         self.completion_tokens = _later(self.completion_tokens, completion)
         self.cache_read_input_tokens = _later(self.cache_read_input_tokens, cached)

@@ -47,8 +47,11 @@ def available_plugins() -> dict[str, IFilterPlugin]:
     for plugin in getPlugins(IFilterPlugin):
         if plugin.name in plugins:
             if plugins[plugin.name] is not plugin:
-                log.warn("ignoring plugin {name} from {module}: the name is taken",
-                         name=plugin.name, module=type(plugin).__module__)
+                log.warn(
+                    "ignoring plugin {name} from {module}: the name is taken",
+                    name=plugin.name,
+                    module=type(plugin).__module__,
+                )
             continue
         plugins[plugin.name] = plugin
     return plugins

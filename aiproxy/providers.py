@@ -60,7 +60,9 @@ class Provider:
         return protocol == PASSTHROUGH or protocol in self.paths
 
 
-def _openai_shaped(name: str, base_url: str | None, paths: Mapping[str, str], max_tokens: str) -> Provider:
+def _openai_shaped(
+    name: str, base_url: str | None, paths: Mapping[str, str], max_tokens: str
+) -> Provider:
     """
     A provider speaking the OpenAI chat (and maybe Responses/embeddings) API.
     """
@@ -69,7 +71,9 @@ def _openai_shaped(name: str, base_url: str | None, paths: Mapping[str, str], ma
 
 
 PROVIDERS: dict[str, Provider] = {
-    "openai": _openai_shaped("openai", "https://api.openai.com", _OPENAI_PATHS, "max_completion_tokens"),
+    "openai": _openai_shaped(
+        "openai", "https://api.openai.com", _OPENAI_PATHS, "max_completion_tokens"
+    ),
     "openai-compatible": _openai_shaped("openai-compatible", None, _OPENAI_PATHS, "max_tokens"),
     "deepseek": _openai_shaped(
         "deepseek", "https://api.deepseek.com", {OPENAI_CHAT: "/chat/completions"}, "max_tokens"
@@ -78,7 +82,10 @@ PROVIDERS: dict[str, Provider] = {
         "aimlapi", "https://api.aimlapi.com", {OPENAI_CHAT: "/chat/completions"}, "max_tokens"
     ),
     "openrouter": _openai_shaped(
-        "openrouter", "https://openrouter.ai", {OPENAI_CHAT: "/api/v1/chat/completions"}, "max_tokens"
+        "openrouter",
+        "https://openrouter.ai",
+        {OPENAI_CHAT: "/api/v1/chat/completions"},
+        "max_tokens",
     ),
     "gemini": _openai_shaped(
         "gemini",

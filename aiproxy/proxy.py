@@ -148,7 +148,9 @@ class Exchange:
     One client request proxied to the route's upstream.
     """
 
-    def __init__(self, route: Route, request: Request, clock: IReactorTime, monitor: Any = None) -> None:
+    def __init__(
+        self, route: Route, request: Request, clock: IReactorTime, monitor: Any = None
+    ) -> None:
         """
         @param monitor: the gateway's L{aiproxy.interfaces.IExchangeMonitor},
             told when this exchange starts, streams and ends; or L{None}.
@@ -315,7 +317,9 @@ class Exchange:
             self._decoder = SSEDecoder()
             self._observer = observer_for(context.protocol or PASSTHROUGH)
         self._chain = open_chain(self.route.body_filters, context)
-        context.wants_text = self._chain is not None or bool((self.conf.get("logging") or {}).get("payloads"))
+        context.wants_text = self._chain is not None or bool(
+            (self.conf.get("logging") or {}).get("payloads")
+        )
         self._writer = make_writer(self._send, self.clock, self.conf["streaming_flush_interval_ms"])
         self._arm_duration_limit()
         if self.monitor is not None:
@@ -341,7 +345,9 @@ class Exchange:
             self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
             return
         response.deliverBody(
-            _BodyReceiver(self._body_started, self._buffered_chunk, self._guarded(self._buffered_ended))
+            _BodyReceiver(
+                self._body_started, self._buffered_chunk, self._guarded(self._buffered_ended)
+            )
         )
 
     def _body_started(self, transport: Any) -> None:
@@ -356,11 +362,21 @@ class Exchange:
         self._pacer = _Pacer(transport, self._client_resumed)
         self.request.registerProducer(self._pacer, True)
         self._last_chunk = self._last_data = self.clock.seconds()
-        self._arm_silence("read", self.conf["timeout"], lambda: self._last_chunk, "timeout", "upstream read timed out")
+        self._arm_silence(
+            "read",
+            self.conf["timeout"],
+            lambda: self._last_chunk,
+            "timeout",
+            "upstream read timed out",
+        )
         idle = self.conf.get("stream_idle_timeout_ms")
         if idle is not None and self._stream:
             self._arm_silence(
-                "idle", idle, lambda: self._last_data, "stream_idle_timeout_ms", "stream_idle_timeout_ms exceeded"
+                "idle",
+                idle,
+                lambda: self._last_data,
+                "stream_idle_timeout_ms",
+                "stream_idle_timeout_ms exceeded",
             )
 
     def _client_resumed(self) -> None:
@@ -395,7 +411,11 @@ class Exchange:
         self._body_transport = None
         if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream response body failed: {error}", error=reason.getErrorMessage())
-            self._cut("upstream_error", 502, "upstream closed the connection before the response was complete")
+            self._cut(
+                "upstream_error",
+                502,
+                "upstream closed the connection before the response was complete",
+            )
             return
         body = b"".join(self._body_parts)
         self._body_parts = []
@@ -490,7 +510,11 @@ class Exchange:
         ended = reason.value
         if not isinstance(ended, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
-            self._cut("upstream_error", 502, "upstream closed the connection before the response was complete")
+            self._cut(
+                "upstream_error",
+                502,
+                "upstream closed the connection before the response was complete",
+            )
             return
         if self._received == 0:
             # Also after keep-alive comments: never a clean end without content.
@@ -498,7 +522,9 @@ class Exchange:
             return
         if not context.done and context.protocol in _TERMINATED_PROTOCOLS:
             self._cut(
-                "upstream_incomplete", 502, "upstream ended the stream without its end-of-stream event"
+                "upstream_incomplete",
+                502,
+                "upstream ended the stream without its end-of-stream event",
             )
             return
         self._decoder.close()
@@ -594,14 +620,20 @@ class Exchange:
             return
         context = self.context
         context.abort_reason = reason
-        log.warn("aborting AI {kind}: {reason}", kind="stream" if context.stream else "request", reason=reason)
+        log.warn(
+            "aborting AI {kind}: {reason}",
+            kind="stream" if context.stream else "request",
+            reason=reason,
+        )
         if not context.output_started:
             self._fail(reason, status, message)
             return
         self._stop_upstream()
         if self._writer is not None:
             self._writer.stop()
-        self._write(self._event_break() + error_event(context.protocol or PASSTHROUGH, message, reason))
+        self._write(
+            self._event_break() + error_event(context.protocol or PASSTHROUGH, message, reason)
+        )
         self._close_connection()
 
     def _event_break(self) -> bytes:
@@ -722,7 +754,13 @@ class Exchange:
         record["attempts"] = (
             []
             if sent is None
-            else [{"instance": context.instance, "status": self.upstream_status, "duration_ms": _ms(now - sent)}]
+            else [
+                {
+                    "instance": context.instance,
+                    "status": self.upstream_status,
+                    "duration_ms": _ms(now - sent),
+                }
+            ]
         )
         logging = self.conf.get("logging")
         if logging:
@@ -769,12 +807,16 @@ class Exchange:
         if self._ended:
             return
         self.context.upstream_response_time_ms = _ms(self.clock.seconds() - self.context.started)
-        if failure.check(CancelledError, TimeoutError, ConnectingCancelledError) or _cancelled(failure):
+        if failure.check(CancelledError, TimeoutError, ConnectingCancelledError) or _cancelled(
+            failure
+        ):
             log.warn("upstream request timed out")
             self._cut("timeout", 504, "upstream timed out")
         elif failure.check(DNSLookupError, ConnectError):
             log.warn("connecting upstream failed: {error}", error=failure.getErrorMessage())
-            self._cut("upstream_error", 502, f"failed to connect to upstream: {failure.getErrorMessage()}")
+            self._cut(
+                "upstream_error", 502, f"failed to connect to upstream: {failure.getErrorMessage()}"
+            )
         elif (tls := _tls_failure(failure)) is not None:
             log.warn("TLS with upstream failed: {error}", error=tls)
             self._cut("upstream_error", 502, f"TLS with upstream failed: {tls}")
@@ -882,7 +924,9 @@ class Exchange:
                 lambda: self._cut("first_token_timeout_ms", 504, "first_token_timeout_ms exceeded"),
             )
         if self.conf.get("keepalive_comment_interval_ms") is not None and self.context.stream:
-            self._arm("keepalive", self.conf["keepalive_comment_interval_ms"] / 1000.0, self._keepalive)
+            self._arm(
+                "keepalive", self.conf["keepalive_comment_interval_ms"] / 1000.0, self._keepalive
+            )
 
     def _keepalive(self) -> None:
         """
@@ -976,7 +1020,11 @@ def _tls_failure(failure: Failure) -> str | None:
         if reason.check(*_TLS_ERRORS):
             entries = reason.value.args[0] if reason.value.args else None
             if isinstance(entries, list):
-                details = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry and entry[-1]]
+                details = [
+                    str(entry[-1])
+                    for entry in entries
+                    if isinstance(entry, tuple) and entry and entry[-1]
+                ]
                 if details:
                     return "; ".join(details)
             return reason.getErrorMessage()
@@ -991,4 +1039,3 @@ def _describe(failure: Failure) -> str:
     if reasons:
         return "; ".join(r.getErrorMessage() for r in reasons)
     return failure.getErrorMessage()
-

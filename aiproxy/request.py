@@ -105,7 +105,9 @@ def too_large_message(size: int, limit: int) -> str:
     """
     The 413 message of a body of C{size} bytes over C{limit}.
     """
-    return f"could not get body: request size {size} is greater than the maximum size {limit} allowed"
+    return (
+        f"could not get body: request size {size} is greater than the maximum size {limit} allowed"
+    )
 
 
 def check_content_type(content_type: bytes | None) -> None:
@@ -118,7 +120,9 @@ def check_content_type(content_type: bytes | None) -> None:
         return
     value = content_type.decode("latin-1").strip()
     if not value.lower().startswith("application/json"):
-        raise ClientError(400, f"unsupported content-type: {value}, only application/json is supported")
+        raise ClientError(
+            400, f"unsupported content-type: {value}, only application/json is supported"
+        )
 
 
 #: A C{\\uD800}-C{\\uDFFF} escape: the body may hold a lone surrogate.
@@ -240,7 +244,9 @@ def apply_body_overrides(body: dict[str, Any], protocol: str, target: Target) ->
         changed = _set(body, tuple(field.split(".")), max_tokens) or changed
     patch = (override.get("request_body") or {}).get(protocol)
     if patch:
-        changed = deep_merge(body, patch, override.get("request_body_force_override", False)) or changed
+        changed = (
+            deep_merge(body, patch, override.get("request_body_force_override", False)) or changed
+        )
     if provider.remove_model and "model" in body:
         del body["model"]
         changed = True
@@ -249,9 +255,7 @@ def apply_body_overrides(body: dict[str, Any], protocol: str, target: Target) ->
     return changed
 
 
-def upstream_url(
-    target: Target, protocol: str, client_path: str, client_query: str
-) -> str:
+def upstream_url(target: Target, protocol: str, client_path: str, client_query: str) -> str:
     """
     The upstream URL: C{override.endpoint} (its path verbatim when it has
     one, even C{/}, else the provider's default path), else the provider's
@@ -285,7 +289,9 @@ def upstream_url(
     return urlunsplit((scheme, netloc, path, urlencode(params), ""))
 
 
-def upstream_headers(client_headers: Iterable[tuple[bytes, list[bytes]]], auth: Mapping[str, Any]) -> Headers:
+def upstream_headers(
+    client_headers: Iterable[tuple[bytes, list[bytes]]], auth: Mapping[str, Any]
+) -> Headers:
     """
     The upstream request headers: the client's minus hop-by-hop (also
     those its C{Connection} header names), C{host},

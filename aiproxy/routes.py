@@ -59,7 +59,9 @@ class Route:
             return upstream_url(self.target, protocol, client_path, client_query)
         url = self._urls.get(protocol)
         if url is None:
-            url = self._urls[protocol] = upstream_url(self.target, protocol, client_path, client_query)
+            url = self._urls[protocol] = upstream_url(
+                self.target, protocol, client_path, client_query
+            )
         return url
 
 
@@ -135,7 +137,8 @@ def _configure_plugins(
             # A config the schema allows but the plugin cannot use (a bad
             # regex), each problem at its own path.
             problems.extend(
-                f"{format_path(path + [name, *where])}: {_one_line(reason)}" for where, reason in e.problems
+                f"{format_path(path + [name, *where])}: {_one_line(reason)}"
+                for where, reason in e.problems
             )
             continue
         except (ValueError, re.error) as e:
@@ -168,7 +171,9 @@ def _one_line(error: Exception | str) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[str, IFilterPlugin]) -> Route:
+def _build_route(
+    index: int, route: RouteConfig, reactor: Any, plugins: Mapping[str, IFilterPlugin]
+) -> Route:
     """
     Build one route.
 
@@ -185,7 +190,9 @@ def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[
         raise ConfigError([f"{format_path(path + ['provider'])}: {e}"]) from None
     if provider.base_url is None and not (conf.get("override") or {}).get("endpoint"):
         raise ConfigError(
-            [f"{format_path(path + ['override', 'endpoint'])}: required for provider '{provider.name}'"]
+            [
+                f"{format_path(path + ['override', 'endpoint'])}: required for provider '{provider.name}'"
+            ]
         )
     unsendable = [
         name
@@ -207,7 +214,9 @@ def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[
         raise ConfigError([f"{format_path(path + ['ssl_ca_file'])}: {_one_line(e)}"]) from None
     except crypto.Error:
         raise ConfigError(
-            [f"{format_path(path + ['ssl_ca_file'])}: {conf['ssl_ca_file']} holds an invalid certificate"]
+            [
+                f"{format_path(path + ['ssl_ca_file'])}: {conf['ssl_ca_file']} holds an invalid certificate"
+            ]
         ) from None
     request_filters, body_filters = _configure_plugins(route, plugins, path[:-1])
     return Route(
@@ -222,7 +231,9 @@ def _build_route(index: int, route: RouteConfig, reactor: Any, plugins: Mapping[
     )
 
 
-def build_routes(config: Config, reactor: Any, plugins: Mapping[str, IFilterPlugin] | None = None) -> RouteTable:
+def build_routes(
+    config: Config, reactor: Any, plugins: Mapping[str, IFilterPlugin] | None = None
+) -> RouteTable:
     """
     Build the route table of a validated config.
 

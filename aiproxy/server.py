@@ -25,6 +25,7 @@ from aiproxy.upstream import set_no_delay
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite"]
 
+
 def _json_error(message: str) -> bytes:
     return json.dumps({"message": message}).encode("utf-8")
 
@@ -65,7 +66,10 @@ class NoRouteResource(Resource):
         if size is None:
             size = request.content.seek(0, 2) if request.content is not None else 0
         _log_rejection(
-            self.monitor, _rejection_record(request.method, request.path, 404, bytes_in=size, bytes_out=len(body))
+            self.monitor,
+            _rejection_record(
+                request.method, request.path, 404, bytes_in=size, bytes_out=len(body)
+            ),
         )
         return body
 
@@ -184,7 +188,11 @@ class GatewayRequest(Request):
             return
         self._route = site.resource.match(path, command)
         self.matched = True
-        if self._route is not None and length is not None and length > self._route.conf["max_req_body_size"]:
+        if (
+            self._route is not None
+            and length is not None
+            and length > self._route.conf["max_req_body_size"]
+        ):
             self._refuse(path, command, length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -196,7 +204,9 @@ class GatewayRequest(Request):
             return
         if self._route is not None and self._received > self._route.conf["max_req_body_size"]:
             self._refuse(
-                getattr(self.channel, "_path", b""), getattr(self.channel, "_command", b""), self._received
+                getattr(self.channel, "_path", b""),
+                getattr(self.channel, "_command", b""),
+                self._received,
             )
             return
         super().handleContentChunk(data)
@@ -222,7 +232,9 @@ class GatewayRequest(Request):
         transport.loseConnection()
         _log_rejection(
             getattr(self.channel.site.resource, "monitor", None),
-            _rejection_record(command, path, 413, self._route, "request_too_large", self._received, len(body)),
+            _rejection_record(
+                command, path, 413, self._route, "request_too_large", self._received, len(body)
+            ),
         )
 
 
@@ -249,7 +261,10 @@ class GatewayChannel(HTTPChannel):
             self._refuse_head(431, "request header fields too large", "request_headers_too_large")
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        if self._receivedHeaderSize > self.totalHeadersSize or self._receivedHeaderCount > self.maxHeaders:
+        if (
+            self._receivedHeaderSize > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        ):
             self._refuse_head(431, "request header fields too large", "request_headers_too_large")
         else:
             self._refuse_head(400, "bad request", "bad_request")
@@ -262,7 +277,8 @@ class GatewayChannel(HTTPChannel):
         body = _json_error(message)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status, HTTPStatus(status).phrase.encode("ascii"), len(body), body)
+            b"connection: close\r\n\r\n%s"
+            % (status, HTTPStatus(status).phrase.encode("ascii"), len(body), body)
         )
         self.loseConnection()
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
@@ -312,4 +328,3 @@ class GatewaySite(Site):
         """
         Access records come from L{aiproxy.accesslog}, not from here.
         """
-

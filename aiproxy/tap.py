@@ -157,11 +157,17 @@ class GatewayService(MultiService):
         self.resource = GatewayResource(table, reactor, self.monitor)
         self.site = GatewaySite(self.resource, reactor=reactor)
         self.drain = DrainService(
-            self.monitor, reactor, config.shutdown_grace_s, self.site, install_signal=install_signals
+            self.monitor,
+            reactor,
+            config.shutdown_grace_s,
+            self.site,
+            install_signal=install_signals,
         )
         self.drain.setServiceParent(self)
         for endpoint in listen or config.listen:
-            listener = StreamServerEndpointService(serverFromString(reactor, with_backlog(endpoint)), self.site)
+            listener = StreamServerEndpointService(
+                serverFromString(reactor, with_backlog(endpoint)), self.site
+            )
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
         if self.metrics is not None:
@@ -207,7 +213,9 @@ class GatewayService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         d = maybeDeferred(super().stopService)
-        d.addCallback(lambda _: gatherResults([self.resource.table.close(), self.monitor.wait_closed()]))
+        d.addCallback(
+            lambda _: gatherResults([self.resource.table.close(), self.monitor.wait_closed()])
+        )
         return d
 
 

@@ -104,7 +104,9 @@ def _trust_root(path: str) -> Any:
     with open(path, "rb") as f:
         pem = f.read()
     marker = b"-----END CERTIFICATE-----"
-    blocks = [block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
+    blocks = [
+        block + marker for block in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in block
+    ]
     if not blocks:
         raise ValueError(f"no certificate in {path}")
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(block) for block in blocks])
@@ -235,7 +237,9 @@ class UpstreamClient:
         if prepared is None:
             if len(self._urls) >= _URL_CACHE_SIZE:
                 self._urls.clear()
-            prepared = self._urls[url] = _PreparedURL.from_text(EncodedURL.from_text(url).to_uri().to_text())
+            prepared = self._urls[url] = _PreparedURL.from_text(
+                EncodedURL.from_text(url).to_uri().to_text()
+            )
         return prepared
 
     def request(self, method: str, url: str, headers: Headers, body: bytes | None) -> Deferred[Any]:

@@ -42,7 +42,23 @@ from aiproxy.sse import SSEDecoder  # noqa: E402
 
 __all__ = ["build_stream", "main", "run_stream"]
 
-_WORDS = ["the", "model", "streams", "tokens", "to", "a", "client", "and", "then", "some", "more", "text", "ok", "naïve", "über"]
+_WORDS = [
+    "the",
+    "model",
+    "streams",
+    "tokens",
+    "to",
+    "a",
+    "client",
+    "and",
+    "then",
+    "some",
+    "more",
+    "text",
+    "ok",
+    "naïve",
+    "über",
+]
 EMAIL = r"[\w.+-]+@[\w-]+\.[\w.]+"
 
 
@@ -55,12 +71,21 @@ def build_stream(events: int, seed: int, split: bool) -> list[bytes]:
     @param split: cut every event in two chunks.
     """
     rng = random.Random(seed)
-    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1710000000, "model": "gpt-4o-mini"}
+    base = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1710000000,
+        "model": "gpt-4o-mini",
+    }
 
     def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         document = {**base, "choices": choices, "usage": None, **extra}
-        return b"data: " + json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        return (
+            b"data: "
+            + json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+            + b"\n\n"
+        )
 
     frames = [event({"role": "assistant", "content": ""})]
     for n in range(events):
@@ -71,7 +96,9 @@ def build_stream(events: int, seed: int, split: bool) -> list[bytes]:
         frames.append(event({"content": text}))
     frames.append(event({}, "stop"))
     usage = {"prompt_tokens": 10, "completion_tokens": events, "total_tokens": events + 10}
-    frames.append(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
+    frames.append(
+        b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n"
+    )
     frames.append(b"data: [DONE]\n\n")
     if not split:
         return frames
@@ -176,9 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunks = build_stream(args.events, args.seed, args.split)
     events = args.events + 4
     guard = ResponseGuard(
-        {"deny_patterns": ["forbidden content"], "deny_code": 200, "deny_message": "no", "hold_back_chars": 64}
+        {
+            "deny_patterns": ["forbidden content"],
+            "deny_code": 200,
+            "deny_message": "no",
+            "hold_back_chars": 64,
+        }
     )
-    redact = ResponseRedact({"rules": [{"pattern": EMAIL, "replacement": "[email]"}], "hold_back_chars": 64})
+    redact = ResponseRedact(
+        {"rules": [{"pattern": EMAIL, "replacement": "[email]"}], "hold_back_chars": 64}
+    )
     setups: list[tuple[str, list[Any]]] = [
         ("no body filter", []),
         ("one no-op filter (chain, text on)", [NoopFactory()]),

@@ -58,7 +58,11 @@ def _events(count: int) -> list[bytes]:
         }
         out.append(b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n")
     usage = {"prompt_tokens": 10, "completion_tokens": count, "total_tokens": count + 10}
-    out.append(b'data: {"id":"chatcmpl-bench","choices":[],"usage":' + json.dumps(usage).encode() + b"}\n\n")
+    out.append(
+        b'data: {"id":"chatcmpl-bench","choices":[],"usage":'
+        + json.dumps(usage).encode()
+        + b"}\n\n"
+    )
     out.append(b"data: [DONE]\n\n")
     return out
 
@@ -68,7 +72,13 @@ NONSTREAM_BODY = json.dumps(
         "id": "chatcmpl-bench",
         "object": "chat.completion",
         "model": "bench-model",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hello"},
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
     }
 ).encode()
@@ -94,7 +104,9 @@ class Upstream:
                         length = int(line[15:])
                 body = await reader.readexactly(length)
                 if json.loads(body).get("stream") is True:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                    )
                     last = len(self.chunks) - 1
                     for index, piece in enumerate(self.chunks):
                         writer.write(piece)
@@ -125,7 +137,9 @@ class Results:
     chunks_per_stream: list[int] = field(default_factory=list)
 
 
-async def _read_response(reader: asyncio.StreamReader, results: Results, started: float, stream: bool) -> None:
+async def _read_response(
+    reader: asyncio.StreamReader, results: Results, started: float, stream: bool
+) -> None:
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         raise ValueError(head.split(b"\r\n", 1)[0].decode())
@@ -151,7 +165,9 @@ async def _read_response(reader: asyncio.StreamReader, results: Results, started
     results.chunks_per_stream.append(chunks)
 
 
-async def client(port: int, stream: bool, deadline: float, count: int | None, results: Results) -> None:
+async def client(
+    port: int, stream: bool, deadline: float, count: int | None, results: Results
+) -> None:
     body = json.dumps(
         {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
     ).encode()
@@ -249,12 +265,17 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str) -> di
         if pin is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", pin] + argv
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proxy = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
+        proxy = subprocess.Popen(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp
+        )
         try:
             await _wait_ready(port)
             warm = Results()
             await asyncio.gather(
-                *(client(port, stream, time.perf_counter() + 1.0, None, warm) for _ in range(concurrency))
+                *(
+                    client(port, stream, time.perf_counter() + 1.0, None, warm)
+                    for _ in range(concurrency)
+                )
             )
             results = Results()
             cpu0, wall0 = _cpu_seconds(proxy.pid), time.perf_counter()
@@ -279,25 +300,39 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str) -> di
         "proxy_cpu_pct": 100 * cpu / wall,
         "cpu_us_per_unit": 1e6 * cpu / units if units else None,
         "ttft_p50_ms": statistics.median(results.ttft) if results.ttft else None,
-        "ttft_p99_ms": sorted(results.ttft)[int(len(results.ttft) * 0.99)] if results.ttft else None,
-        "chunks_per_stream": statistics.median(results.chunks_per_stream) if results.chunks_per_stream else None,
+        "ttft_p99_ms": sorted(results.ttft)[int(len(results.ttft) * 0.99)]
+        if results.ttft
+        else None,
+        "chunks_per_stream": statistics.median(results.chunks_per_stream)
+        if results.chunks_per_stream
+        else None,
         "errors": results.errors,
         "rss_mb": rss,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", default="all", help="one of " + ", ".join(SCENARIOS) + ", or all")
-    parser.add_argument("--flush-ms", default="0", help="streaming_flush_interval_ms values, comma-separated")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scenario", default="all", help="one of " + ", ".join(SCENARIOS) + ", or all"
+    )
+    parser.add_argument(
+        "--flush-ms", default="0", help="streaming_flush_interval_ms values, comma-separated"
+    )
     parser.add_argument("--pin", default=None, help="CPU list for the proxy (taskset)")
-    parser.add_argument("--regex-filter", action="store_true", help="add an ai-response-redact rule")
+    parser.add_argument(
+        "--regex-filter", action="store_true", help="add an ai-response-redact rule"
+    )
     args = parser.parse_args()
     scenarios = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
     filters = ""
     if args.regex_filter:
         filters = "      ai-response-redact: {rules: [{pattern: 'sk-[A-Za-z0-9]{20,}', replacement: '[key]'}]}\n"
-    print("| scenario | flush_ms | req/s | events/s | proxy CPU % | CPU µs/event (or /request) | TTFT p50 ms | TTFT p99 ms | HTTP chunks/stream | errors | RSS MB |")
+    print(
+        "| scenario | flush_ms | req/s | events/s | proxy CPU % | CPU µs/event (or /request) | TTFT p50 ms | TTFT p99 ms | HTTP chunks/stream | errors | RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for scenario in scenarios:
         for flush in (int(x) for x in args.flush_ms.split(",")):

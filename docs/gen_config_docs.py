@@ -80,7 +80,11 @@ def _type(schema: Mapping[str, Any]) -> str:
         return str(kind)
     if "enum" in schema:
         kinds = {type(value).__name__ for value in schema["enum"]}
-        return {"str": "string", "int": "integer"}.get(kinds.pop(), "any") if len(kinds) == 1 else "any"
+        return (
+            {"str": "string", "int": "integer"}.get(kinds.pop(), "any")
+            if len(kinds) == 1
+            else "any"
+        )
     for key in ("oneOf", "anyOf"):
         if key in schema:
             return " or ".join(dict.fromkeys(_type(option) for option in schema[key]))
@@ -102,7 +106,11 @@ def _bounds(schema: Mapping[str, Any]) -> str:
     elif high is not None:
         parts.append(f"≤ {high}")
     if "minLength" in schema or "maxLength" in schema:
-        length = f"{schema.get('minLength', 0)} to {schema['maxLength']}" if "maxLength" in schema else None
+        length = (
+            f"{schema.get('minLength', 0)} to {schema['maxLength']}"
+            if "maxLength" in schema
+            else None
+        )
         parts.append(f"length {length}" if length else f"length ≥ {schema['minLength']}")
     if "pattern" in schema:
         parts.append(f"matches {_code(schema['pattern'])}")
@@ -115,19 +123,31 @@ def _bounds(schema: Mapping[str, Any]) -> str:
     for pattern in schema.get("patternProperties", {}):
         parts.append(f"names match {_code(pattern)}")
     if "enum" in schema.get("propertyNames", {}):
-        parts.append("keys: " + ", ".join(_code(value) for value in schema["propertyNames"]["enum"]))
-    if schema.get("type") == "object" and "properties" in schema and schema.get("additionalProperties", True) is True:
+        parts.append(
+            "keys: " + ", ".join(_code(value) for value in schema["propertyNames"]["enum"])
+        )
+    if (
+        schema.get("type") == "object"
+        and "properties" in schema
+        and schema.get("additionalProperties", True) is True
+    ):
         parts.append("other keys allowed")
     if schema.get("type") == "object" and schema.get("required") and "properties" not in schema:
         parts.append("requires " + ", ".join(_code(name) for name in schema["required"]))
     for key in ("oneOf", "anyOf"):
-        options = [f"{_type(option)}: {_bounds(option)}" for option in schema.get(key, ()) if _bounds(option)]
+        options = [
+            f"{_type(option)}: {_bounds(option)}"
+            for option in schema.get(key, ())
+            if _bounds(option)
+        ]
         if options:
             parts.append("; or ".join(options))
     return "; ".join(parts)
 
 
-def field_rows(schema: Mapping[str, Any], prefix: str = "", expand: Callable[[str], bool] = lambda path: True) -> Iterator[Row]:
+def field_rows(
+    schema: Mapping[str, Any], prefix: str = "", expand: Callable[[str], bool] = lambda path: True
+) -> Iterator[Row]:
     """
     Every field of an object schema, depth first in schema order: C{a},
     C{a.b}, C{list[].c}. The fields of a nested object (or of the objects
@@ -195,8 +215,14 @@ def _providers() -> str:
         if provider is None:
             cells = [_code(name), "no: refused at start-up", "", "", ""]
         else:
-            base = _code(provider.base_url) if provider.base_url else "none: `override.endpoint` is required"
-            paths = "; ".join(f"{protocol} {_code(path)}" for protocol, path in provider.paths.items())
+            base = (
+                _code(provider.base_url)
+                if provider.base_url
+                else "none: `override.endpoint` is required"
+            )
+            paths = "; ".join(
+                f"{protocol} {_code(path)}" for protocol, path in provider.paths.items()
+            )
             fields = "; ".join(
                 f"{protocol} {_code(field)}"
                 for protocol, field in provider.max_tokens_field.items()

@@ -70,7 +70,9 @@ def config_problems(plugins: dict[str, Any]) -> list[str]:
     raise AssertionError("the config was accepted")
 
 
-def chunk(text: str | None = None, finish: str | None = None, role: bool = False, index: int = 0) -> bytes:
+def chunk(
+    text: str | None = None, finish: str | None = None, role: bool = False, index: int = 0
+) -> bytes:
     """
     An OpenAI C{chat.completion.chunk} event.
     """
@@ -93,7 +95,13 @@ def anthropic(kind: str, **fields: Any) -> bytes:
     """
     An Anthropic messages stream event.
     """
-    return b"event: " + kind.encode() + b"\ndata: " + json.dumps({"type": kind, **fields}).encode() + b"\n\n"
+    return (
+        b"event: "
+        + kind.encode()
+        + b"\ndata: "
+        + json.dumps({"type": kind, **fields}).encode()
+        + b"\n\n"
+    )
 
 
 def anthropic_delta(text: str, index: int = 0) -> bytes:
@@ -102,14 +110,25 @@ def anthropic_delta(text: str, index: int = 0) -> bytes:
 
 ANTHROPIC_HEAD = anthropic(
     "message_start",
-    message={"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test", "content": []},
+    message={
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [],
+    },
 ) + anthropic("content_block_start", index=0, content_block={"type": "text", "text": ""})
 ANTHROPIC_TAIL = (
     anthropic("content_block_stop", index=0)
     + anthropic("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 3})
     + anthropic("message_stop")
 )
-ANTHROPIC_REQUEST = {"model": "claude-test", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_REQUEST = {
+    "model": "claude-test",
+    "max_tokens": 10,
+    "stream": True,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 
 
 def halves(*events: bytes) -> list[bytes]:
@@ -131,7 +150,9 @@ def decode(body: bytes) -> list[Any]:
     decoder = SSEDecoder()
     events = decoder.feed(body)
     assert decoder.pending == 0, body
-    return [(e.event, e.data.decode() if e.data == b"[DONE]" else json.loads(e.data)) for e in events]
+    return [
+        (e.event, e.data.decode() if e.data == b"[DONE]" else json.loads(e.data)) for e in events
+    ]
 
 
 def openai_text(body: bytes) -> str:
@@ -184,7 +205,12 @@ class PluginTests(SynchronousTestCase):
         priorities = {plugin.name: plugin.priority for plugin in BUILTINS}
         self.assertEqual(
             priorities,
-            {"ai-prompt-guard": 1072, "ai-prompt-decorator": 1070, "ai-response-guard": 1030, "ai-response-redact": 1025},
+            {
+                "ai-prompt-guard": 1072,
+                "ai-prompt-decorator": 1070,
+                "ai-response-guard": 1030,
+                "ai-response-redact": 1025,
+            },
         )
 
     def test_registered(self) -> None:
@@ -204,7 +230,9 @@ class PluginTests(SynchronousTestCase):
         """
         guard = configure("ai-prompt-guard", {"deny_patterns": ["x"]})
         self.assertTrue(verifyObject(IRequestFilter, guard))
-        decorator = configure("ai-prompt-decorator", {"prepend": [{"role": "system", "content": "s"}]})
+        decorator = configure(
+            "ai-prompt-decorator", {"prepend": [{"role": "system", "content": "s"}]}
+        )
         self.assertTrue(verifyObject(IRequestFilter, decorator))
         context = ExchangeContext("r", "i", 0.0)
         context.protocol = OPENAI_CHAT
@@ -236,12 +264,21 @@ class PluginTests(SynchronousTestCase):
         The loader fills in the documented defaults.
         """
         guard = configure("ai-response-guard", {"deny_patterns": ["x"]})
-        self.assertEqual((guard.deny_code, guard.deny_message, guard.hold_back_chars), (200, "your request is rejected", 64))
+        self.assertEqual(
+            (guard.deny_code, guard.deny_message, guard.hold_back_chars),
+            (200, "your request is rejected", 64),
+        )
         redact = configure("ai-response-redact", {"rules": [{"pattern": "x"}]})
         self.assertEqual((redact.replacements, redact.hold_back_chars), (["[REDACTED]"], 64))
         prompt = configure("ai-prompt-guard", {})
         self.assertEqual(
-            (prompt.match_all_roles, prompt.match_all_history, prompt.allow, prompt.deny, prompt.fail_mode),
+            (
+                prompt.match_all_roles,
+                prompt.match_all_history,
+                prompt.allow,
+                prompt.deny,
+                prompt.fail_mode,
+            ),
             (False, False, [], [], "skip"),
         )
 
@@ -258,7 +295,9 @@ class ConfigErrorTests(SynchronousTestCase):
         problems = config_problems({"ai-prompt-guard": {"deny_patterns": ["ok", "(bad"]}})
         self.assertEqual(len(problems), 1)
         self.assertTrue(
-            problems[0].startswith("routes[0].plugins.ai-prompt-guard.deny_patterns[1]: invalid regular expression: "),
+            problems[0].startswith(
+                "routes[0].plugins.ai-prompt-guard.deny_patterns[1]: invalid regular expression: "
+            ),
             problems,
         )
 
@@ -270,7 +309,9 @@ class ConfigErrorTests(SynchronousTestCase):
             {
                 "ai-prompt-guard": {"allow_patterns": ["[a"], "deny_patterns": ["(b"]},
                 "ai-response-guard": {"deny_patterns": ["a", "*x"]},
-                "ai-response-redact": {"rules": [{"pattern": "(?P<n>x)", "replacement": r"\g<m>"}, {"pattern": "("}]},
+                "ai-response-redact": {
+                    "rules": [{"pattern": "(?P<n>x)", "replacement": r"\g<m>"}, {"pattern": "("}]
+                },
             }
         )
         paths = sorted(problem.split(": ")[0] for problem in problems)
@@ -292,7 +333,9 @@ class ConfigErrorTests(SynchronousTestCase):
         problems = config_problems({"ai-response-redact": {"rules": [{"pattern": "a*"}]}})
         self.assertEqual(
             problems,
-            ["routes[0].plugins.ai-response-redact.rules[0].pattern: invalid regular expression: it matches the empty string"],
+            [
+                "routes[0].plugins.ai-response-redact.rules[0].pattern: invalid regular expression: it matches the empty string"
+            ],
         )
 
     def test_schema_errors(self) -> None:
@@ -319,7 +362,9 @@ class ConfigErrorTests(SynchronousTestCase):
         A plugin name that is neither built in nor installed is an error.
         """
         problems = config_problems({"ai-no-such-plugin": {}})
-        self.assertEqual(problems, ["routes[0].plugins.ai-no-such-plugin: unknown plugin 'ai-no-such-plugin'"])
+        self.assertEqual(
+            problems, ["routes[0].plugins.ai-no-such-plugin: unknown plugin 'ai-no-such-plugin'"]
+        )
 
 
 def guard_context(body: dict[str, Any], protocol: str = OPENAI_CHAT) -> Any:
@@ -337,25 +382,41 @@ class PromptGuardTests(SynchronousTestCase):
         message.
         """
         guard = configure("ai-prompt-guard", {"deny_patterns": [r"pass(word)?"]})
-        result = guard.filter_request(guard_context({"messages": [{"role": "user", "content": "my password"}]}))
+        result = guard.filter_request(
+            guard_context({"messages": [{"role": "user", "content": "my password"}]})
+        )
         self.assertEqual(result, Reject(400, {"message": PROHIBITED}))
-        self.assertIsNone(guard.filter_request(guard_context({"messages": [{"role": "user", "content": "hello"}]})))
+        self.assertIsNone(
+            guard.filter_request(
+                guard_context({"messages": [{"role": "user", "content": "hello"}]})
+            )
+        )
 
     def test_allow_first(self) -> None:
         """
         With allow patterns, a prompt matching none gets 400; allow is
         checked before deny.
         """
-        guard = configure("ai-prompt-guard", {"allow_patterns": ["weather"], "deny_patterns": ["rain"]})
+        guard = configure(
+            "ai-prompt-guard", {"allow_patterns": ["weather"], "deny_patterns": ["rain"]}
+        )
         self.assertEqual(
-            guard.filter_request(guard_context({"messages": [{"role": "user", "content": "hello"}]})),
+            guard.filter_request(
+                guard_context({"messages": [{"role": "user", "content": "hello"}]})
+            ),
             Reject(400, {"message": NOT_ALLOWED}),
         )
         self.assertEqual(
-            guard.filter_request(guard_context({"messages": [{"role": "user", "content": "weather: rain"}]})),
+            guard.filter_request(
+                guard_context({"messages": [{"role": "user", "content": "weather: rain"}]})
+            ),
             Reject(400, {"message": PROHIBITED}),
         )
-        self.assertIsNone(guard.filter_request(guard_context({"messages": [{"role": "user", "content": "weather?"}]})))
+        self.assertIsNone(
+            guard.filter_request(
+                guard_context({"messages": [{"role": "user", "content": "weather?"}]})
+            )
+        )
 
     def test_last_message_only(self) -> None:
         """
@@ -374,28 +435,51 @@ class PromptGuardTests(SynchronousTestCase):
         C{match_all_roles} every role.
         """
         history = [{"role": "user", "content": "bad"}, {"role": "user", "content": "fine"}]
-        guard = configure("ai-prompt-guard", {"deny_patterns": ["bad"], "match_all_conversation_history": True})
-        self.assertEqual(guard.filter_request(guard_context({"messages": history})), Reject(400, {"message": PROHIBITED}))
+        guard = configure(
+            "ai-prompt-guard", {"deny_patterns": ["bad"], "match_all_conversation_history": True}
+        )
+        self.assertEqual(
+            guard.filter_request(guard_context({"messages": history})),
+            Reject(400, {"message": PROHIBITED}),
+        )
         system = [{"role": "system", "content": "bad"}, {"role": "user", "content": "fine"}]
         self.assertIsNone(guard.filter_request(guard_context({"messages": system})))
         guard = configure(
             "ai-prompt-guard",
-            {"deny_patterns": ["bad"], "match_all_conversation_history": True, "match_all_roles": True},
+            {
+                "deny_patterns": ["bad"],
+                "match_all_conversation_history": True,
+                "match_all_roles": True,
+            },
         )
-        self.assertEqual(guard.filter_request(guard_context({"messages": system})), Reject(400, {"message": PROHIBITED}))
+        self.assertEqual(
+            guard.filter_request(guard_context({"messages": system})),
+            Reject(400, {"message": PROHIBITED}),
+        )
 
     def test_joined_with_spaces(self) -> None:
         """
         The checked texts are joined with spaces, text parts too.
         """
         guard = configure(
-            "ai-prompt-guard", {"deny_patterns": ["one two three"], "match_all_conversation_history": True}
+            "ai-prompt-guard",
+            {"deny_patterns": ["one two three"], "match_all_conversation_history": True},
         )
         messages = [
             {"role": "user", "content": "one"},
-            {"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "image_url", "image_url": {}}, {"type": "text", "text": "three"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "two"},
+                    {"type": "image_url", "image_url": {}},
+                    {"type": "text", "text": "three"},
+                ],
+            },
         ]
-        self.assertEqual(guard.filter_request(guard_context({"messages": messages})), Reject(400, {"message": PROHIBITED}))
+        self.assertEqual(
+            guard.filter_request(guard_context({"messages": messages})),
+            Reject(400, {"message": PROHIBITED}),
+        )
 
     def test_fail_mode(self) -> None:
         """
@@ -403,7 +487,9 @@ class PromptGuardTests(SynchronousTestCase):
         C{error}.
         """
         passthrough = guard_context({"prompt": "bad"}, PASSTHROUGH)
-        self.assertIsNone(configure("ai-prompt-guard", {"deny_patterns": ["bad"]}).filter_request(passthrough))
+        self.assertIsNone(
+            configure("ai-prompt-guard", {"deny_patterns": ["bad"]}).filter_request(passthrough)
+        )
         strict = configure("ai-prompt-guard", {"deny_patterns": ["bad"], "fail_mode": "error"})
         self.assertEqual(strict.filter_request(passthrough), Reject(400, {"message": UNRECOGNIZED}))
 
@@ -412,17 +498,38 @@ class PromptGuardTests(SynchronousTestCase):
         The messages of each protocol, as C{(role, text)}.
         """
         self.assertEqual(
-            messages_of(ANTHROPIC_MESSAGES, {"system": "sys", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}),
+            messages_of(
+                ANTHROPIC_MESSAGES,
+                {
+                    "system": "sys",
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                },
+            ),
             [("system", "sys"), ("user", "a")],
         )
         self.assertEqual(
-            messages_of(OPENAI_RESPONSES, {"instructions": "be", "input": [{"role": "assistant", "content": "x"}, {"content": [{"type": "input_text", "text": "y"}]}]}),
+            messages_of(
+                OPENAI_RESPONSES,
+                {
+                    "instructions": "be",
+                    "input": [
+                        {"role": "assistant", "content": "x"},
+                        {"content": [{"type": "input_text", "text": "y"}]},
+                    ],
+                },
+            ),
             [("system", "be"), ("assistant", "x"), ("user", "y")],
         )
         self.assertEqual(messages_of(OPENAI_RESPONSES, {"input": "q"}), [("user", "q")])
         self.assertEqual(messages_of(OPENAI_EMBEDDINGS, {"input": "e"}), [("user", "e")])
         self.assertEqual(
-            messages_of(BEDROCK_CONVERSE, {"system": [{"text": "s"}], "messages": [{"role": "user", "content": [{"text": "m"}]}]}),
+            messages_of(
+                BEDROCK_CONVERSE,
+                {
+                    "system": [{"text": "s"}],
+                    "messages": [{"role": "user", "content": [{"text": "m"}]}],
+                },
+            ),
             [("system", "s"), ("user", "m")],
         )
         self.assertIsNone(messages_of(PASSTHROUGH, {"x": 1}))
@@ -434,14 +541,19 @@ class PromptGuardTests(SynchronousTestCase):
         """
         guard = configure("ai-prompt-guard", {"deny_patterns": ["bad"]})
         body = {"input": [{"role": "user", "content": "bad"}, {"role": "user", "content": "fine"}]}
-        self.assertEqual(guard.filter_request(guard_context(body, OPENAI_RESPONSES)), Reject(400, {"message": PROHIBITED}))
+        self.assertEqual(
+            guard.filter_request(guard_context(body, OPENAI_RESPONSES)),
+            Reject(400, {"message": PROHIBITED}),
+        )
 
     def test_through_exchange(self) -> None:
         """
         Through the gateway a denied prompt is answered with 400 and
         nothing goes upstream.
         """
-        table = make_table(plugins={"ai-prompt-guard": {"deny_patterns": ["secret"]}}, filter_plugins=BUILTINS)
+        table = make_table(
+            plugins={"ai-prompt-guard": {"deny_patterns": ["secret"]}}, filter_plugins=BUILTINS
+        )
         gateway = Gateway(self, table)
         gateway.send({"messages": [{"role": "user", "content": "tell me the secret"}]})
         response = gateway.response()
@@ -466,7 +578,9 @@ class PromptDecoratorTests(SynchronousTestCase):
         for protocol in (OPENAI_CHAT, ANTHROPIC_MESSAGES):
             body = {"messages": [{"role": "user", "content": "hi"}]}
             self.assertTrue(decorate(protocol, body, self.PREPEND, self.APPEND))
-            self.assertEqual(body["messages"], self.PREPEND + [{"role": "user", "content": "hi"}] + self.APPEND)
+            self.assertEqual(
+                body["messages"], self.PREPEND + [{"role": "user", "content": "hi"}] + self.APPEND
+            )
 
     def test_responses(self) -> None:
         """
@@ -478,16 +592,23 @@ class PromptDecoratorTests(SynchronousTestCase):
         self.assertEqual(body, {"instructions": "be brief\nold", "input": "q\nanswer in French"})
         listed: dict[str, Any] = {"input": [{"role": "user", "content": "q"}]}
         decorate(OPENAI_RESPONSES, listed, [], self.APPEND)
-        self.assertEqual(listed["input"][-1], {"type": "message", "role": "user", "content": "answer in French"})
+        self.assertEqual(
+            listed["input"][-1], {"type": "message", "role": "user", "content": "answer in French"}
+        )
 
     def test_bedrock(self) -> None:
         """
         Bedrock: system messages become system blocks.
         """
-        body: dict[str, Any] = {"system": [{"text": "old"}], "messages": [{"role": "user", "content": [{"text": "q"}]}]}
+        body: dict[str, Any] = {
+            "system": [{"text": "old"}],
+            "messages": [{"role": "user", "content": [{"text": "q"}]}],
+        }
         decorate(BEDROCK_CONVERSE, body, self.PREPEND, self.APPEND)
         self.assertEqual(body["system"], [{"text": "be brief"}, {"text": "old"}])
-        self.assertEqual(body["messages"][-1], {"role": "user", "content": [{"text": "answer in French"}]})
+        self.assertEqual(
+            body["messages"][-1], {"role": "user", "content": [{"text": "answer in French"}]}
+        )
 
     def test_untouched(self) -> None:
         """
@@ -520,7 +641,11 @@ class ResponseGuardTests(SynchronousTestCase):
 
     def gateway(self, **config: Any) -> Gateway:
         conf = {"deny_patterns": ["forbidden"], **config}
-        table = make_table({"streaming_flush_interval_ms": 0}, plugins={"ai-response-guard": conf}, filter_plugins=BUILTINS)
+        table = make_table(
+            {"streaming_flush_interval_ms": 0},
+            plugins={"ai-response-guard": conf},
+            filter_plugins=BUILTINS,
+        )
         return Gateway(self, table)
 
     def test_clean_stream_unchanged(self) -> None:
@@ -607,7 +732,18 @@ class ResponseGuardTests(SynchronousTestCase):
         gateway = self.gateway(deny_code=451)
         gateway.send(CHAT)
         body = json.dumps(
-            {"id": "x", "object": "chat.completion", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "so forbidden"}, "finish_reason": "stop"}]}
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "so forbidden"},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
         ).encode()
         upstream = gateway.answer(json_response(body, length=len(body)))
         upstream.data(body)
@@ -616,14 +752,19 @@ class ResponseGuardTests(SynchronousTestCase):
         self.assertEqual(response.status, 451)
         refusal = response.json()
         self.assertEqual(refusal["object"], "chat.completion")
-        self.assertEqual(refusal["choices"][0]["message"], {"role": "assistant", "content": "your request is rejected"})
+        self.assertEqual(
+            refusal["choices"][0]["message"],
+            {"role": "assistant", "content": "your request is rejected"},
+        )
 
     def test_anthropic_after_output(self) -> None:
         """
         An Anthropic stream is ended with the refusal in the open block,
         then C{content_block_stop}, C{message_delta} and C{message_stop}.
         """
-        gateway = Gateway(self, anthropic_table({"ai-response-guard": {"deny_patterns": ["forbidden"]}}))
+        gateway = Gateway(
+            self, anthropic_table({"ai-response-guard": {"deny_patterns": ["forbidden"]}})
+        )
         gateway.send(ANTHROPIC_REQUEST, path=b"/v1/messages")
         upstream = gateway.answer(stream_response())
         upstream.data(ANTHROPIC_HEAD, anthropic_delta("it is forbi"), anthropic_delta("dden"))
@@ -632,7 +773,15 @@ class ResponseGuardTests(SynchronousTestCase):
         kinds = [kind for kind, _ in decode(response.body)]
         self.assertEqual(
             kinds,
-            ["message_start", "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop", "message_delta", "message_stop"],
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ],
         )
         self.assertEqual(anthropic_text(response.body), "it is your request is rejected")
 
@@ -646,7 +795,11 @@ class ResponseRedactTests(SynchronousTestCase):
 
     def gateway(self, **config: Any) -> Gateway:
         conf = {"rules": [self.EMAIL], **config}
-        table = make_table({"streaming_flush_interval_ms": 0}, plugins={"ai-response-redact": conf}, filter_plugins=BUILTINS)
+        table = make_table(
+            {"streaming_flush_interval_ms": 0},
+            plugins={"ai-response-redact": conf},
+            filter_plugins=BUILTINS,
+        )
         return Gateway(self, table)
 
     def test_split_secret(self) -> None:
@@ -656,7 +809,13 @@ class ResponseRedactTests(SynchronousTestCase):
         """
         gateway = self.gateway()
         upstream = gateway.stream()
-        upstream.data(chunk("", role=True), chunk("write to user@exa"), chunk("mple.com today"), chunk(finish="stop"), DONE)
+        upstream.data(
+            chunk("", role=True),
+            chunk("write to user@exa"),
+            chunk("mple.com today"),
+            chunk(finish="stop"),
+            DONE,
+        )
         upstream.end()
         response = gateway.response()
         self.assertTrue(response.complete)
@@ -672,7 +831,16 @@ class ResponseRedactTests(SynchronousTestCase):
         """
         gateway = self.gateway()
         upstream = gateway.stream()
-        upstream.data(*halves(chunk("", role=True), chunk("a@"), chunk("b.co"), chunk("m x"), chunk(finish="stop"), DONE))
+        upstream.data(
+            *halves(
+                chunk("", role=True),
+                chunk("a@"),
+                chunk("b.co"),
+                chunk("m x"),
+                chunk(finish="stop"),
+                DONE,
+            )
+        )
         upstream.end()
         response = gateway.response()
         self.assertEqual(openai_text(response.body), "[email] x")
@@ -694,10 +862,15 @@ class ResponseRedactTests(SynchronousTestCase):
         Several rules, and replacements using groups.
         """
         gateway = self.gateway(
-            rules=[{"pattern": r"(sk-)\w{8,}", "replacement": r"\1****"}, {"pattern": r"\d{3}-\d{4}", "replacement": "###-####"}]
+            rules=[
+                {"pattern": r"(sk-)\w{8,}", "replacement": r"\1****"},
+                {"pattern": r"\d{3}-\d{4}", "replacement": "###-####"},
+            ]
         )
         upstream = gateway.stream()
-        upstream.data(chunk("key sk-abcdefgh call 555-"), chunk("1234 now"), chunk(finish="stop"), DONE)
+        upstream.data(
+            chunk("key sk-abcdefgh call 555-"), chunk("1234 now"), chunk(finish="stop"), DONE
+        )
         upstream.end()
         self.assertEqual(openai_text(gateway.response().body), "key sk-**** call ###-#### now")
 
@@ -708,7 +881,18 @@ class ResponseRedactTests(SynchronousTestCase):
         gateway = self.gateway()
         gateway.send(CHAT)
         body = json.dumps(
-            {"id": "x", "object": "chat.completion", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "content": "mail a@b.com"}, "finish_reason": "stop"}]}
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "mail a@b.com"},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
         ).encode()
         upstream = gateway.answer(json_response(body, length=len(body)))
         upstream.data(body)
@@ -726,7 +910,9 @@ class ResponseRedactTests(SynchronousTestCase):
         gateway = Gateway(self, anthropic_table({"ai-response-redact": {"rules": [self.EMAIL]}}))
         gateway.send(ANTHROPIC_REQUEST, path=b"/v1/messages")
         upstream = gateway.answer(stream_response())
-        upstream.data(ANTHROPIC_HEAD, anthropic_delta("hi a@"), anthropic_delta("b.com"), ANTHROPIC_TAIL)
+        upstream.data(
+            ANTHROPIC_HEAD, anthropic_delta("hi a@"), anthropic_delta("b.com"), ANTHROPIC_TAIL
+        )
         upstream.end()
         response = gateway.response()
         self.assertEqual(anthropic_text(response.body), "hi [email]")
@@ -748,7 +934,12 @@ class CompositionTests(SynchronousTestCase):
             "ai-response-redact": {"rules": [{"pattern": "forbidden", "replacement": "[x]"}]},
             "ai-response-guard": {"deny_patterns": ["forbidden"]},
         }
-        gateway = Gateway(self, make_table({"streaming_flush_interval_ms": 0}, plugins=plugins, filter_plugins=BUILTINS))
+        gateway = Gateway(
+            self,
+            make_table(
+                {"streaming_flush_interval_ms": 0}, plugins=plugins, filter_plugins=BUILTINS
+            ),
+        )
         upstream = gateway.stream()
         upstream.data(chunk("", role=True), chunk("a "), chunk("forbidden b"))
         self.assertEqual(openai_text(gateway.response().body), "a your request is rejected")
@@ -758,8 +949,13 @@ class CompositionTests(SynchronousTestCase):
         A lower-priority filter receives the redactor's output.
         """
         tagger = TaggingPlugin("tagger", 1)
-        plugins = {"ai-response-redact": {"rules": [{"pattern": "secret", "replacement": "***"}]}, "tagger": {}}
-        table = make_table({"streaming_flush_interval_ms": 0}, plugins=plugins, filter_plugins=[*BUILTINS, tagger])
+        plugins = {
+            "ai-response-redact": {"rules": [{"pattern": "secret", "replacement": "***"}]},
+            "tagger": {},
+        }
+        table = make_table(
+            {"streaming_flush_interval_ms": 0}, plugins=plugins, filter_plugins=[*BUILTINS, tagger]
+        )
         gateway = Gateway(self, table)
         upstream = gateway.stream()
         upstream.data(chunk("a secret b"))
@@ -781,7 +977,11 @@ class CompositionTests(SynchronousTestCase):
 
         factory = Factory()
         directlyProvides(factory, IBodyFilterFactory)
-        table = make_table({"streaming_flush_interval_ms": 0}, plugins={"ai-response-guard": {"deny_patterns": ["bad"]}}, filter_plugins=BUILTINS)
+        table = make_table(
+            {"streaming_flush_interval_ms": 0},
+            plugins={"ai-response-guard": {"deny_patterns": ["bad"]}},
+            filter_plugins=BUILTINS,
+        )
         table.routes[0].body_filters = [*table.routes[0].body_filters, factory]
         gateway = Gateway(self, table)
         upstream = gateway.stream()
@@ -799,9 +999,22 @@ class CompositionTests(SynchronousTestCase):
             "ai-response-redact": {"rules": [{"pattern": r"\d{4}-\d{4}", "replacement": "****"}]},
             "ai-response-guard": {"deny_patterns": ["forbidden"]},
         }
-        gateway = Gateway(self, make_table({"streaming_flush_interval_ms": 0}, plugins=plugins, filter_plugins=BUILTINS))
+        gateway = Gateway(
+            self,
+            make_table(
+                {"streaming_flush_interval_ms": 0}, plugins=plugins, filter_plugins=BUILTINS
+            ),
+        )
         upstream = gateway.stream()
-        upstream.data(*halves(chunk("", role=True), chunk("card 1234-"), chunk("5678 ok"), chunk(finish="stop"), DONE))
+        upstream.data(
+            *halves(
+                chunk("", role=True),
+                chunk("card 1234-"),
+                chunk("5678 ok"),
+                chunk(finish="stop"),
+                DONE,
+            )
+        )
         upstream.end()
         response = gateway.response()
         self.assertTrue(response.complete)
@@ -837,7 +1050,9 @@ class FilterUnitTests(SynchronousTestCase):
         (C{\\/}, upper-case C{\\u} escapes) is re-serialised whole, and
         stays valid JSON with the redacted text.
         """
-        factory = configure("ai-response-redact", {"rules": [{"pattern": r"\w+@\w+\.com", "replacement": "[e]"}]})
+        factory = configure(
+            "ai-response-redact", {"rules": [{"pattern": r"\w+@\w+\.com", "replacement": "[e]"}]}
+        )
         context = ExchangeContext("r", "i", 0.0)
         context.protocol = OPENAI_CHAT
         body_filter = factory.body_filter(context)
@@ -875,8 +1090,18 @@ class DocsExamplesTests(SynchronousTestCase):
             for block in re.findall(r"^```yaml\n(.*?)^```", page.read_text("utf-8"), re.M | re.S):
                 document = yaml.safe_load(block)
                 if "routes" not in document:
-                    proxy = {"provider": "openai", "auth": {"header": {"Authorization": "Bearer k"}}}
-                    document = {"routes": [{"uri": "/v1/chat/completions", "plugins": {"ai-proxy": proxy, **document}}]}
+                    proxy = {
+                        "provider": "openai",
+                        "auth": {"header": {"Authorization": "Bearer k"}},
+                    }
+                    document = {
+                        "routes": [
+                            {
+                                "uri": "/v1/chat/completions",
+                                "plugins": {"ai-proxy": proxy, **document},
+                            }
+                        ]
+                    }
                 config = parse_config(yaml.safe_dump(document), environ={"OPENAI_API_KEY": "sk-x"})
                 build_routes(config, MemoryReactorClock())
                 checked += 1

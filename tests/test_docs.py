@@ -39,7 +39,9 @@ def _load_generator() -> ModuleType:
     Import C{docs/gen_config_docs.py}, which is a script, not a module of
     the package.
     """
-    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "docs" / "gen_config_docs.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_config_docs", ROOT / "docs" / "gen_config_docs.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -78,7 +80,11 @@ class GeneratedTablesTests(SynchronousTestCase):
         expected = generator.regenerate(text)
         if text != expected:
             diff = difflib.unified_diff(
-                text.splitlines(), expected.splitlines(), "docs/configuration.md", "regenerated", lineterm=""
+                text.splitlines(),
+                expected.splitlines(),
+                "docs/configuration.md",
+                "regenerated",
+                lineterm="",
             )
             self.fail(
                 "docs/configuration.md is out of date with the schemas; regenerate it with\n"
@@ -121,7 +127,9 @@ class GeneratedTablesTests(SynchronousTestCase):
         cannot disappear unnoticed.
         """
         with self.assertRaises(ValueError) as raised:
-            generator.regenerate("<!-- BEGIN GENERATED: config -->\n<!-- END GENERATED: config -->\n")
+            generator.regenerate(
+                "<!-- BEGIN GENERATED: config -->\n<!-- END GENERATED: config -->\n"
+            )
         self.assertIn("route", str(raised.exception))
 
     def test_unknown_region(self) -> None:
@@ -147,7 +155,9 @@ class ExampleTests(SynchronousTestCase):
         Every YAML example is a config that loads and whose routes build,
         except those marked C{# invalid}.
         """
-        examples = [body for lang, body in _fences(CONFIGURATION.read_text("utf-8")) if lang == "yaml"]
+        examples = [
+            body for lang, body in _fences(CONFIGURATION.read_text("utf-8")) if lang == "yaml"
+        ]
         valid = [body for body in examples if not body.startswith("# invalid")]
         self.assertGreaterEqual(len(valid), 2)
         for body in valid:

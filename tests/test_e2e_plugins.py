@@ -113,7 +113,12 @@ class BuiltinPluginTests(TestCase):
                 route_id="guard",
                 uri="/guard/v1/chat/completions",
                 streaming_flush_interval_ms=0,
-                plugins={"ai-response-guard": {"deny_patterns": ["forbidden"], "deny_message": "denied by policy"}},
+                plugins={
+                    "ai-response-guard": {
+                        "deny_patterns": ["forbidden"],
+                        "deny_message": "denied by policy",
+                    }
+                },
             ),
             proxy_route(
                 mock,
@@ -133,7 +138,9 @@ class BuiltinPluginTests(TestCase):
                 uri="/prompt/v1/chat/completions",
                 plugins={
                     "ai-prompt-guard": {"deny_patterns": ["pass(word)?"]},
-                    "ai-prompt-decorator": {"prepend": [{"role": "system", "content": "Be brief."}]},
+                    "ai-prompt-decorator": {
+                        "prepend": [{"role": "system", "content": "Be brief."}]
+                    },
                 },
             ),
         ]
@@ -146,7 +153,9 @@ class BuiltinPluginTests(TestCase):
         text = "this is forbidden stuff and then some more text"
         self.assertTrue(straddles(text, 6, "forbidden"))
         controls = mock_headers(text=text, events=6, split_events=1, delay_ms=30)
-        response = await in_thread(http_call, port, "POST", "/guard/v1/chat/completions", chat("go"), controls)
+        response = await in_thread(
+            http_call, port, "POST", "/guard/v1/chat/completions", chat("go"), controls
+        )
         self.assertEqual(response.status, 200, (response.body, daemon.output))
         self.assertTrue(response.complete)
         self.assertNotIn(b"forb", response.body)
@@ -154,14 +163,18 @@ class BuiltinPluginTests(TestCase):
         events = stream_events(response.body)
         self.assertEqual(events[-1], "[DONE]")
         self.assertEqual(events[-2]["choices"][0]["finish_reason"], "stop")
-        await wait_until(lambda: mock.stats()["streams_aborted"] == 1, what="the upstream stream to be aborted")
+        await wait_until(
+            lambda: mock.stats()["streams_aborted"] == 1, what="the upstream stream to be aborted"
+        )
         records = await daemon.wait_for_records(1)
         self.assertEqual(records[-1]["abort_reason"], "ai_response_guard")
 
         # The guard, before output: the first content event matches.
         self.assertEqual(pieces("forbidden stuff here now", 2)[0], "forbidden st")
         controls = mock_headers(text="forbidden stuff here now", events=2, burst=2, split_events=1)
-        response = await in_thread(http_call, port, "POST", "/guard403/v1/chat/completions", chat("go"), controls)
+        response = await in_thread(
+            http_call, port, "POST", "/guard403/v1/chat/completions", chat("go"), controls
+        )
         self.assertEqual(response.status, 403)
         self.assertEqual(response.headers["content-type"], "text/event-stream")
         self.assertEqual(stream_text(response.body), "your request is rejected")
@@ -169,7 +182,14 @@ class BuiltinPluginTests(TestCase):
 
         # The guard on a non-streamed answer.
         controls = mock_headers(text="all forbidden", events=2)
-        response = await in_thread(http_call, port, "POST", "/guard403/v1/chat/completions", chat("go", stream=False), controls)
+        response = await in_thread(
+            http_call,
+            port,
+            "POST",
+            "/guard403/v1/chat/completions",
+            chat("go", stream=False),
+            controls,
+        )
         self.assertEqual(response.status, 403)
         refusal = response.json()
         self.assertEqual(refusal["object"], "chat.completion")
@@ -179,7 +199,9 @@ class BuiltinPluginTests(TestCase):
         text = "mail user@exa" + "mple.com now!"
         self.assertEqual(pieces(text, 2), ["mail user@exa", "mple.com now!"])
         controls = mock_headers(text=text, events=2, split_events=1)
-        response = await in_thread(http_call, port, "POST", "/redact/v1/chat/completions", chat("go"), controls)
+        response = await in_thread(
+            http_call, port, "POST", "/redact/v1/chat/completions", chat("go"), controls
+        )
         self.assertEqual(response.status, 200)
         self.assertTrue(response.complete)
         self.assertEqual(stream_text(response.body), "mail [email] now!")
@@ -187,32 +209,58 @@ class BuiltinPluginTests(TestCase):
         self.assertEqual(stream_events(response.body)[-1], "[DONE]")
 
         def sdk_stream() -> str:
-            client = OpenAI(base_url=f"http://127.0.0.1:{port}/redact/v1", api_key="client-key", max_retries=0)
+            client = OpenAI(
+                base_url=f"http://127.0.0.1:{port}/redact/v1", api_key="client-key", max_retries=0
+            )
             stream = client.chat.completions.create(
                 model="gpt-e2e",
                 messages=[{"role": "user", "content": "go"}],
                 stream=True,
-                extra_headers=mock_headers(text="reach me at bob@example.org or alice@exa" + "mple.net", events=7, split_events=1),
+                extra_headers=mock_headers(
+                    text="reach me at bob@example.org or alice@exa" + "mple.net",
+                    events=7,
+                    split_events=1,
+                ),
             )
-            return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            return "".join(
+                chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
+            )
 
         self.assertEqual(await in_thread(sdk_stream), "reach me at [email] or [email]")
 
         # The redactor on a non-streamed answer.
         controls = mock_headers(text="mail a@b.com", events=2)
-        response = await in_thread(http_call, port, "POST", "/redact/v1/chat/completions", chat("go", stream=False), controls)
+        response = await in_thread(
+            http_call,
+            port,
+            "POST",
+            "/redact/v1/chat/completions",
+            chat("go", stream=False),
+            controls,
+        )
         self.assertEqual(response.json()["choices"][0]["message"]["content"], "mail [email]")
 
         # The prompt guard and the decorator.
         before = mock.stats()["requests"]
-        response = await in_thread(http_call, port, "POST", "/prompt/v1/chat/completions", chat("my password is x", stream=False))
+        response = await in_thread(
+            http_call,
+            port,
+            "POST",
+            "/prompt/v1/chat/completions",
+            chat("my password is x", stream=False),
+        )
         self.assertEqual(response.status, 400)
         self.assertEqual(response.json(), {"message": PROHIBITED})
         self.assertEqual(mock.stats()["requests"], before)
-        response = await in_thread(http_call, port, "POST", "/prompt/v1/chat/completions", chat("hello", stream=False))
+        response = await in_thread(
+            http_call, port, "POST", "/prompt/v1/chat/completions", chat("hello", stream=False)
+        )
         self.assertEqual(response.status, 200)
         sent = json.loads(mock.requests()[-1]["body"])
-        self.assertEqual(sent["messages"], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
+        self.assertEqual(
+            sent["messages"],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+        )
 
 
 def _install_command(target: Path, source: Path) -> list[str]:
@@ -220,7 +268,16 @@ def _install_command(target: Path, source: Path) -> list[str]:
     The pip command installing the example package into C{target}: without
     build isolation when this environment can build it (no download).
     """
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--target",
+        str(target),
+    ]
     if importlib.util.find_spec("setuptools") and importlib.util.find_spec("wheel"):
         command.append("--no-build-isolation")
     return command + [str(source)]
@@ -244,7 +301,9 @@ class ThirdPartyPluginTests(TestCase):
         work = Path(self.mktemp()).resolve()
         source = work / "src"
         target = work / "site"
-        shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        shutil.copytree(
+            EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+        )
         mock = await start_mock(self)
         route = proxy_route(mock, streaming_flush_interval_ms=0, plugins={"word-count": {}})
         config = write_config(work, {"routes": [route]})
@@ -260,15 +319,21 @@ class ThirdPartyPluginTests(TestCase):
         code, output = await run_command(self, [sys.executable, "-c", refresh], env=env)
         self.assertEqual(code, 0, output)
         self.assertTrue((target / "twisted" / "plugins" / "dropin.cache").exists())
-        code, output = await run_command(self, [sys.executable, "-m", "twisted.trial", "aiproxy_wordcount"], env=env, timeout=60)
+        code, output = await run_command(
+            self, [sys.executable, "-m", "twisted.trial", "aiproxy_wordcount"], env=env, timeout=60
+        )
         self.assertEqual(code, 0, output)
-        code, output = await run_command(self, [sys.executable, "-m", "aiproxy.check", str(config)], env=env)
+        code, output = await run_command(
+            self, [sys.executable, "-m", "aiproxy.check", str(config)], env=env
+        )
         self.assertEqual(code, 0, output)
 
         daemon = await start_daemon(self, [route], env=env)
         assert daemon.port is not None
         controls = mock_headers(text="one two three four five", events=3)
-        response = await in_thread(http_call, daemon.port, "POST", "/v1/chat/completions", chat("count"), controls)
+        response = await in_thread(
+            http_call, daemon.port, "POST", "/v1/chat/completions", chat("count"), controls
+        )
         self.assertEqual(response.status, 200)
         self.assertTrue(response.complete)
         self.assertTrue(response.body.endswith(b": words=5\n\n"), response.body[-80:])

@@ -86,7 +86,9 @@ class RewriteTests(SynchronousTestCase):
     Tests for L{HoldBackWindow} in rewrite mode.
     """
 
-    def window(self, patterns: list[str], replacements: list[str], size: int = 64) -> HoldBackWindow:
+    def window(
+        self, patterns: list[str], replacements: list[str], size: int = 64
+    ) -> HoldBackWindow:
         return HoldBackWindow([compile_pattern(p) for p in patterns], size, replacements)
 
     def test_split_secret(self) -> None:
@@ -189,7 +191,9 @@ class RewriteTests(SynchronousTestCase):
         self.assertEqual(whole, combined.sub("#", text))
         sizes: list[int] = []
         pieces = split(text, cuts)
-        self.assertEqual(feed_all(HoldBackWindow(patterns, SIZE, replacements), pieces, sizes), whole)
+        self.assertEqual(
+            feed_all(HoldBackWindow(patterns, SIZE, replacements), pieces, sizes), whole
+        )
         self.assertTrue(all(size <= SIZE for size in sizes), sizes)
 
     @settings(max_examples=200, deadline=None)

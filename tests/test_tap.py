@@ -185,7 +185,12 @@ class BacklogTests(SynchronousTestCase):
         """
         TCP, SSL and UNIX endpoints without a backlog get C{DEFAULT_BACKLOG}.
         """
-        for endpoint in ("tcp:9080", "tcp6:port=9080", "ssl:port=8443:privateKey=k.pem", "unix:/run/a.sock"):
+        for endpoint in (
+            "tcp:9080",
+            "tcp6:port=9080",
+            "ssl:port=8443:privateKey=k.pem",
+            "unix:/run/a.sock",
+        ):
             self.assertEqual(with_backlog(endpoint), f"{endpoint}:backlog={DEFAULT_BACKLOG}")
 
     def test_kept(self) -> None:

@@ -123,7 +123,9 @@ class TextStreamFilter:
                 denial = self._terminate(context, stream=True)
                 if context.output_started and parts:
                     # The events before the hit are clean: they go first.
-                    sent = b"".join(encode_event(p) if isinstance(p, SSEEvent) else p for p in parts)
+                    sent = b"".join(
+                        encode_event(p) if isinstance(p, SSEEvent) else p for p in parts
+                    )
                     denial = dataclasses.replace(denial, data=sent + denial.data)
                 return denial
             if result is None:
@@ -205,10 +207,21 @@ class TextStreamFilter:
         if self.protocol == OPENAI_CHAT:
             document = {
                 **self.base,
-                "choices": [{"index": channel, "delta": {"content": text}, "logprobs": None, "finish_reason": None}],
+                "choices": [
+                    {
+                        "index": channel,
+                        "delta": {"content": text},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
             }
             return b"data: " + dumps(document) + b"\n\n"
-        document = {"type": "content_block_delta", "index": channel, "delta": {"type": "text_delta", "text": text}}
+        document = {
+            "type": "content_block_delta",
+            "index": channel,
+            "delta": {"type": "text_delta", "text": text},
+        }
         return b"event: content_block_delta\ndata: " + dumps(document) + b"\n\n"
 
     def _openai_event(self, event: SSEEvent) -> bytes | None:
@@ -367,6 +380,10 @@ def _texts(protocol: str, document: dict[str, Any]) -> list[tuple[dict[str, Any]
                 found.append((message, "content"))
     else:
         for block in document.get("content") or ():
-            if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+            if (
+                isinstance(block, dict)
+                and block.get("type") == "text"
+                and isinstance(block.get("text"), str)
+            ):
                 found.append((block, "text"))
     return found

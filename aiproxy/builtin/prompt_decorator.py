@@ -87,7 +87,12 @@ def _responses(body: dict[str, Any], messages: Sequence[Message], front: bool) -
         body["input"] = text
 
 
-def decorate(protocol: str | None, body: dict[str, Any], prepend: Sequence[Message], append: Sequence[Message]) -> bool:
+def decorate(
+    protocol: str | None,
+    body: dict[str, Any],
+    prepend: Sequence[Message],
+    append: Sequence[Message],
+) -> bool:
     """
     Add C{prepend} and C{append} to a request body, in place.
 
@@ -134,7 +139,9 @@ class PromptDecorator:
         """
         Decorate the request's messages.
         """
-        if isinstance(context.body, dict) and decorate(context.protocol, context.body, self.prepend, self.append):
+        if isinstance(context.body, dict) and decorate(
+            context.protocol, context.body, self.prepend, self.append
+        ):
             context.mark_body_changed()
 
 

@@ -33,7 +33,14 @@ from aiproxy.protocols import (
     OPENAI_RESPONSES,
 )
 
-__all__ = ["NOT_ALLOWED", "PROHIBITED", "UNRECOGNIZED", "PromptGuard", "PromptGuardPlugin", "messages_of"]
+__all__ = [
+    "NOT_ALLOWED",
+    "PROHIBITED",
+    "UNRECOGNIZED",
+    "PromptGuard",
+    "PromptGuardPlugin",
+    "messages_of",
+]
 
 log = Logger()
 
@@ -59,7 +66,9 @@ SCHEMA: dict[str, Any] = {
         "allow_patterns": pattern_list(
             "Regular expressions; when set, the prompt must match at least one (400 otherwise)."
         ),
-        "deny_patterns": pattern_list("Regular expressions; a prompt matching any of them gets 400."),
+        "deny_patterns": pattern_list(
+            "Regular expressions; a prompt matching any of them gets 400."
+        ),
         "fail_mode": {
             "enum": ["skip", "warn", "error"],
             "default": "skip",

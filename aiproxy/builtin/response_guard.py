@@ -145,9 +145,16 @@ class ResponseGuardFilter(TextStreamFilter):
             index=self._hit[0],
         )
         if not stream:
-            return Terminate(self._whole_refusal(context), guard.deny_code, "application/json", ABORT_REASON)
+            return Terminate(
+                self._whole_refusal(context), guard.deny_code, "application/json", ABORT_REASON
+            )
         if not context.output_started:
-            return Terminate(self._stream_refusal(context, fresh=True), guard.deny_code, "text/event-stream", ABORT_REASON)
+            return Terminate(
+                self._stream_refusal(context, fresh=True),
+                guard.deny_code,
+                "text/event-stream",
+                ABORT_REASON,
+            )
         return Terminate(self._stream_refusal(context, fresh=False), reason=ABORT_REASON)
 
     def _model(self, context: Any) -> str | None:
@@ -224,11 +231,15 @@ class ResponseGuardFilter(TextStreamFilter):
             index = open_blocks[0] if open_blocks else self.next_block
         if index not in open_blocks:
             out.append(
-                _anthropic_event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+                _anthropic_event(
+                    "content_block_start", index=index, content_block={"type": "text", "text": ""}
+                )
             )
             open_blocks.append(index)
         out.append(
-            _anthropic_event("content_block_delta", index=index, delta={"type": "text_delta", "text": message})
+            _anthropic_event(
+                "content_block_delta", index=index, delta={"type": "text_delta", "text": message}
+            )
         )
         for block in open_blocks:
             out.append(_anthropic_event("content_block_stop", index=block))

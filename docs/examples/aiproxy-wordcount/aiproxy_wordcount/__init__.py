@@ -40,7 +40,9 @@ class WordCountFilter:
         Count the words of the whole response text.
         """
         words = len(context.text.split())
-        log.info("word-count: route {route} answered {words} words", route=context.route_id, words=words)
+        log.info(
+            "word-count: route {route} answered {words} words", route=context.route_id, words=words
+        )
         if self.comment and context.stream:
             return Replace(b": words=%d\n\n" % words)
         return None

@@ -30,7 +30,9 @@ class WordCountTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IFilterPlugin, plugin))
         factory = plugin.configure({"comment": True})
         self.assertTrue(verifyObject(IBodyFilterFactory, factory))
-        self.assertTrue(verifyObject(IBodyFilter, factory.body_filter(ExchangeContext("r", "i", 0.0))))
+        self.assertTrue(
+            verifyObject(IBodyFilter, factory.body_filter(ExchangeContext("r", "i", 0.0)))
+        )
 
     def test_discovered(self) -> None:
         """
