@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import (
@@ -136,7 +136,9 @@ class _Discard(Protocol):
     """
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        # deliverBody hands its protocol a producer (TransportProxyProducer),
+        # not the ITransport that Twisted's Protocol declares.
+        cast(IPushProducer, self.transport).stopProducing()
 
 
 def _ms(seconds: float) -> int:

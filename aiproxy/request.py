@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -290,7 +290,7 @@ def upstream_url(target: Target, protocol: str, client_path: str, client_query: 
 
 
 def upstream_headers(
-    client_headers: Iterable[tuple[bytes, list[bytes]]], auth: Mapping[str, Any]
+    client_headers: Iterable[tuple[bytes, Sequence[bytes]]], auth: Mapping[str, Any]
 ) -> Headers:
     """
     The upstream request headers: the client's minus hop-by-hop (also

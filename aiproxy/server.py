@@ -12,6 +12,7 @@ from http import HTTPStatus
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -172,6 +173,9 @@ class GatewayRequest(Request):
     and a 404 follows.
     """
 
+    # Its channel is always a GatewayChannel (GatewaySite builds them);
+    # Twisted declares an HTTPChannel, which has no site.
+    channel: GatewayChannel
     _route: Route | None = None
     #: The route was looked up when the headers were in (C{_route}, maybe
     #: L{None}); the request is served by that answer.
@@ -225,6 +229,7 @@ class GatewayRequest(Request):
         self.requestHeaders.removeHeader(b"expect")
         body = _json_error(too_large_message(size, self._route.conf["max_req_body_size"]))
         transport = self.channel.transport
+        assert transport is not None
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
@@ -248,6 +253,10 @@ class GatewayChannel(HTTPChannel):
     alone answers a bare 400, or closes the connection without a word when
     one line is too long.
     """
+
+    #: The site that built it (C{Site.buildProtocol} sets it through the
+    #: protocol wrapper).
+    site: GatewaySite
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -275,6 +284,7 @@ class GatewayChannel(HTTPChannel):
         connection; nothing more is read.
         """
         body = _json_error(message)
+        assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s"
@@ -324,7 +334,7 @@ class GatewaySite(Site):
             self.connections.add(protocol)
         return protocol
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """
         Access records come from L{aiproxy.accesslog}, not from here.
         """

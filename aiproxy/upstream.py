@@ -7,15 +7,15 @@ L{HTTPConnectionPool}, with the route's keep-alive, TLS and timeout settings.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from http.cookiejar import CookieJar
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hyperlink import EncodedURL
 from OpenSSL import SSL
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
@@ -28,6 +28,11 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    # treq's name for what its Agent needs of a reactor: TCP, time and name
+    # resolution.
+    from treq._types import _ITreqReactor
 
 __all__ = ["UpstreamClient", "set_no_delay", "tls_policy"]
 
@@ -124,7 +129,7 @@ def tls_policy(conf: Mapping[str, Any]) -> IPolicyForHTTPS:
     return BrowserLikePolicyForHTTPS()
 
 
-class _NoCookies(CookieJar):
+class _NoCookies(IndexableCookieJar):
     """
     A cookie jar that never stores nor sends anything: the pool is shared by
     every client, so an upstream's cookies must not travel between them (the
@@ -210,8 +215,9 @@ class UpstreamClient:
     Sends requests upstream for one route over its own connection pool.
     """
 
-    def __init__(self, reactor: IReactorTime, conf: Mapping[str, Any]) -> None:
+    def __init__(self, reactor: _ITreqReactor, conf: Mapping[str, Any]) -> None:
         """
+        @param reactor: the reactor that connects and times the requests.
         @param conf: the route's C{ai-proxy} config (C{keepalive},
             C{keepalive_pool}, C{keepalive_timeout}, C{timeout},
             C{ssl_verify}, C{ssl_ca_file}).
@@ -237,8 +243,10 @@ class UpstreamClient:
         if prepared is None:
             if len(self._urls) >= _URL_CACHE_SIZE:
                 self._urls.clear()
-            prepared = self._urls[url] = _PreparedURL.from_text(
-                EncodedURL.from_text(url).to_uri().to_text()
+            # hyperlink annotates from_text as returning URL, though it builds
+            # an instance of the class it is called on.
+            prepared = self._urls[url] = cast(
+                _PreparedURL, _PreparedURL.from_text(EncodedURL.from_text(url).to_uri().to_text())
             )
         return prepared
 
