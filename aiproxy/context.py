@@ -8,7 +8,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ExchangeContext"]
+__all__ = ["RECORD_KEYS", "ExchangeContext"]
+
+#: The keys SPEC section 6 requires in every access record (an
+#: L{ExchangeContext.record} holds them all, and C{method}, C{path} and
+#: C{flushes} besides).
+RECORD_KEYS = frozenset(
+    {
+        "route_id",
+        "instance",
+        "status",
+        "request_type",
+        "request_llm_model",
+        "llm_model",
+        "llm_time_to_first_token",
+        "upstream_response_time",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "reasoning_tokens",
+        "llm_has_tool_calls",
+        "bytes_in",
+        "bytes_out",
+        "abort_reason",
+    }
+)
 
 
 def _int(value: Any) -> int | None:
@@ -174,7 +200,8 @@ class ExchangeContext:
 
     def record(self) -> dict[str, Any]:
         """
-        The access-log record of this request (SPEC section 6). Never holds
+        The access-log record of this request: every key of L{RECORD_KEYS}
+        (SPEC section 6) and C{method}, C{path}, C{flushes}. Never holds
         credentials: only figures and names.
         """
         return {

@@ -18,6 +18,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from aiproxy.context import RECORD_KEYS
 from tests.daemon import (
     ROUTE_API_KEY,
     Daemon,
@@ -30,30 +31,6 @@ from tests.daemon import (
     start_daemon,
     start_mock,
     wait_until,
-)
-
-#: The keys SPEC section 6 requires in every access record.
-ACCESS_KEYS = frozenset(
-    {
-        "route_id",
-        "instance",
-        "status",
-        "request_type",
-        "request_llm_model",
-        "llm_model",
-        "llm_time_to_first_token",
-        "upstream_response_time",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_input_tokens",
-        "reasoning_tokens",
-        "llm_has_tool_calls",
-        "bytes_in",
-        "bytes_out",
-        "abort_reason",
-    }
 )
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -152,7 +129,7 @@ class OpenAISDKTests(TestCase):
         sent = json.loads(mock.requests()[-1]["body"])
         self.assertEqual(sent["stream_options"], {"include_usage": True})
         record = (await daemon.wait_for_records(1))[-1]
-        self.assertTrue(ACCESS_KEYS <= set(record), ACCESS_KEYS - set(record))
+        self.assertTrue(RECORD_KEYS <= set(record), RECORD_KEYS - set(record))
         self.assertEqual(record["status"], 200)
         self.assertEqual(record["request_type"], "ai_stream")
         self.assertEqual(
@@ -767,7 +744,7 @@ class AccessLogTests(TestCase):
         records = daemon.access_records()
         self.assertEqual(len(records), 6, records)
         for record in records:
-            self.assertTrue(ACCESS_KEYS <= set(record), (ACCESS_KEYS - set(record), record))
+            self.assertTrue(RECORD_KEYS <= set(record), (RECORD_KEYS - set(record), record))
         self.assertEqual([r["status"] for r in records], [200, 200, 429, 400, 404, 499])
         stream, whole = records[0], records[1]
         self.assertEqual(stream["request_type"], "ai_stream")

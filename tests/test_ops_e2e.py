@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
 
+from aiproxy.context import RECORD_KEYS
 from tests.daemon import (
     ROUTE_API_KEY,
     Daemon,
@@ -42,29 +43,7 @@ CHAT_STREAM = {**CHAT, "stream": True}
 CLIENT_SECRET = "Bearer client-ops-secret-987"
 
 #: The keys SPEC section 6 requires in every access record, and ours.
-ACCESS_KEYS = frozenset(
-    {
-        "route_id",
-        "instance",
-        "status",
-        "request_type",
-        "request_llm_model",
-        "llm_model",
-        "llm_time_to_first_token",
-        "upstream_response_time",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_input_tokens",
-        "reasoning_tokens",
-        "llm_has_tool_calls",
-        "bytes_in",
-        "bytes_out",
-        "abort_reason",
-        "attempts",
-    }
-)
+ACCESS_KEYS = RECORD_KEYS | {"attempts"}
 
 _METRICS_LINE = re.compile(r"MetricsSite starting on (\d+)")
 

@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from aiproxy.accesslog import ACCESS_NAMESPACE
 from aiproxy.config import PROXY_PLUGINS, parse_config
+from aiproxy.context import RECORD_KEYS
 from aiproxy.filters import Reject, Replace, Terminate
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory, IFilterPlugin, IRequestFilter
 from aiproxy.routes import RouteTable, build_routes
@@ -48,29 +49,6 @@ from aiproxy.server import GatewayResource, GatewaySite
 #: The route's upstream credential: it must never appear in a log event.
 API_KEY = "sk-unit-test-secret-4242"
 
-#: The keys SPEC section 6 requires in every access record.
-ACCESS_KEYS = frozenset(
-    {
-        "route_id",
-        "instance",
-        "status",
-        "request_type",
-        "request_llm_model",
-        "llm_model",
-        "llm_time_to_first_token",
-        "upstream_response_time",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_input_tokens",
-        "reasoning_tokens",
-        "llm_has_tool_calls",
-        "bytes_in",
-        "bytes_out",
-        "abort_reason",
-    }
-)
 
 ENDPOINT = "http://upstream.test:7751/v1/chat/completions"
 
@@ -1633,7 +1611,7 @@ class AccessRecordTests(SynchronousTestCase):
         gateway.clock.advance(0.5)
         upstream.end()
         record = gateway.record
-        self.assertTrue(ACCESS_KEYS <= set(record), ACCESS_KEYS - set(record))
+        self.assertTrue(RECORD_KEYS <= set(record), RECORD_KEYS - set(record))
         self.assertEqual(record["route_id"], "chat")
         self.assertEqual(record["instance"], "ai-proxy-openai")
         self.assertEqual(record["status"], 200)
@@ -1680,7 +1658,7 @@ class AccessRecordTests(SynchronousTestCase):
         gateway.clock.advance(0.05)
         upstream.end()
         record = gateway.record
-        self.assertTrue(ACCESS_KEYS <= set(record))
+        self.assertTrue(RECORD_KEYS <= set(record))
         self.assertEqual(record["request_type"], "ai_chat")
         self.assertEqual(record["request_llm_model"], "gpt-test")
         self.assertEqual(record["llm_time_to_first_token"], 100)

@@ -13,9 +13,9 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from aiproxy.context import RECORD_KEYS
 from aiproxy.request import too_large_message
 from tests.test_proxy import (
-    ACCESS_KEYS,
     CHAT,
     ENDPOINT,
     Gateway,
@@ -87,7 +87,7 @@ class TooLargeTests(SynchronousTestCase):
             (record["status"], record["route_id"], record["abort_reason"]),
             (413, "chat", "request_too_large"),
         )
-        self.assertTrue(ACCESS_KEYS <= set(record), ACCESS_KEYS - set(record))
+        self.assertTrue(RECORD_KEYS <= set(record), RECORD_KEYS - set(record))
         self.assertEqual(record["instance"], "ai-proxy-openai")
         self.assertEqual(record["bytes_out"], len(response.body))
 
@@ -172,7 +172,7 @@ class RoutingTests(SynchronousTestCase):
         record = gateway.record
         self.assertEqual(record["status"], 404)
         self.assertEqual(record["path"], "/v1/nothing")
-        self.assertTrue(ACCESS_KEYS <= set(record), ACCESS_KEYS - set(record))
+        self.assertTrue(RECORD_KEYS <= set(record), RECORD_KEYS - set(record))
         self.assertEqual(record["bytes_in"], len(json.dumps(CHAT)))
         self.assertEqual(record["bytes_out"], len(response.body))
 
