@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -60,6 +59,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
 from aiproxy.testing.upstream import MockUpstream
+from tests.helpers import write_config
 
 __all__ = [
     "REPO_ROOT",
@@ -80,7 +80,6 @@ __all__ = [
     "start_mock",
     "twistd_command",
     "wait_until",
-    "write_config",
 ]
 
 T = TypeVar("T")
@@ -254,22 +253,6 @@ def proxy_route(
     }
     conf.update(fields)
     return {"id": route_id, "uri": uri, "plugins": {"ai-proxy": conf, **(plugins or {})}}
-
-
-def write_config(
-    directory: str | Path, document: Mapping[str, Any] | str, name: str = "aiproxy.yaml"
-) -> Path:
-    """
-    Write a config (a document, or YAML text as it is) into C{directory}.
-    """
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    path = path / name
-    text = (
-        document if isinstance(document, str) else yaml.safe_dump(dict(document), sort_keys=False)
-    )
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 # -- the daemon ----------------------------------------------------------------------------

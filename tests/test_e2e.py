@@ -32,6 +32,7 @@ from tests.daemon import (
     start_mock,
     wait_until,
 )
+from tests.helpers import data_events
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "gpt-e2e", "messages": MESSAGES}
@@ -48,18 +49,6 @@ def sdk(daemon: Daemon) -> OpenAI:
         max_retries=0,
         timeout=20,
     )
-
-
-def data_events(body: bytes) -> list[bytes]:
-    """
-    The C{data} values of an SSE body, in order.
-    """
-    return [
-        line[len(b"data: ") :]
-        for block in body.replace(b"\r\n", b"\n").split(b"\n\n")
-        for line in block.split(b"\n")
-        if line.startswith(b"data: ")
-    ]
 
 
 def open_stream(
@@ -673,7 +662,8 @@ class ConfigTests(TestCase):
         C{twistd aiproxy} with an invalid config exits non-zero within a few
         seconds, printing every problem, and serves nothing.
         """
-        from tests.daemon import Daemon, write_config
+        from tests.daemon import Daemon
+        from tests.helpers import write_config
 
         path = write_config(self.mktemp(), self.BAD)
         daemon = Daemon(path.resolve(), ["--listen", "tcp:port=0:interface=127.0.0.1"])
@@ -694,7 +684,8 @@ class ConfigTests(TestCase):
         """
         import sys
 
-        from tests.daemon import run_command, write_config
+        from tests.daemon import run_command
+        from tests.helpers import write_config
 
         directory = self.mktemp()
         bad = write_config(directory, self.BAD, "bad.yaml").resolve()

@@ -31,8 +31,8 @@ from tests.daemon import (
     start_daemon,
     start_mock,
     wait_until,
-    write_config,
 )
+from tests.helpers import write_config
 
 EXAMPLE = REPO_ROOT / "docs" / "examples" / "aiproxy-wordcount"
 

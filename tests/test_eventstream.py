@@ -13,11 +13,11 @@ from uuid import UUID
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from aiproxy.eventstream import EventStreamDecoder, EventStreamMessage, encode_message
+from tests.helpers import log_events
 
 
 def header(name: bytes, kind: int, value: bytes = b"") -> bytes:
@@ -62,22 +62,6 @@ def feed_all(decoder: EventStreamDecoder, chunks: list[bytes]) -> list[EventStre
         messages.extend(decoder.feed(chunk))
     messages.extend(decoder.close())
     return messages
-
-
-@implementer(ILogObserver)
-class _Warnings:
-    """
-    Collect the decoder's log events while installed.
-    """
-
-    def __init__(self, case: SynchronousTestCase) -> None:
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self)
-        case.addCleanup(globalLogPublisher.removeObserver, self)
-
-    def __call__(self, event: dict) -> None:
-        if event.get("log_namespace") == "aiproxy.eventstream":
-            self.events.append(event)
 
 
 _CHUNK = encode_message(
@@ -182,7 +166,7 @@ class EventStreamDecoderTests(SynchronousTestCase):
         A bad prelude CRC sets C{error}, logs a warning, and stops decoding:
         messages before it are returned, later input is ignored.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.eventstream")
         bad = bytearray(_CHUNK)
         bad[8] ^= 1
         decoder = EventStreamDecoder()
@@ -190,7 +174,7 @@ class EventStreamDecoderTests(SynchronousTestCase):
         self.assertEqual(decoder.error, "bad prelude CRC")
         self.assertEqual(decoder.feed(_CHUNK), [])
         self.assertEqual(decoder.close(), [])
-        [warning] = warnings.events
+        [warning] = warnings
         self.assertEqual(warning["log_level"], LogLevel.warn)
         self.assertEqual(warning["error"], "bad prelude CRC")
 
@@ -258,11 +242,11 @@ class EventStreamDecoderTests(SynchronousTestCase):
         L{EventStreamDecoder.close} drops an incomplete message with a
         warning giving its size.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.eventstream")
         decoder = EventStreamDecoder()
         decoder.feed(_CHUNK + _CHUNK[:30])
         self.assertEqual(decoder.close(), [])
-        [warning] = warnings.events
+        [warning] = warnings
         self.assertEqual(warning["log_level"], LogLevel.warn)
         self.assertEqual(
             warning["log_format"], "dropping incomplete stream frame at EOF, size: {size}"
@@ -274,11 +258,11 @@ class EventStreamDecoderTests(SynchronousTestCase):
         L{EventStreamDecoder.close} after complete messages warns about
         nothing.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.eventstream")
         decoder = EventStreamDecoder()
         decoder.feed(_CHUNK)
         self.assertEqual(decoder.close(), [])
-        self.assertEqual(warnings.events, [])
+        self.assertEqual(warnings, [])
 
     def test_large_message_in_small_chunks(self) -> None:
         """

@@ -19,7 +19,7 @@ tries the same examples):
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
@@ -38,6 +37,7 @@ from aiproxy.routes import build_routes
 from aiproxy.server import GatewayResource, GatewaySite
 from aiproxy.sse import SSEDecoder
 from tests.daemon import RawHTTPClient, in_thread, proxy_route, start_daemon, start_mock
+from tests.helpers import log_events
 from tests.test_config import PROBLEM_LINE
 from tests.test_proxy import FakeResponse, FakeUpstreamClient, make_table, parse_response
 
@@ -532,10 +532,7 @@ class ExchangeHarness:
         self, testcase: SynchronousTestCase, routes: list[dict[str, Any]] = _ROUTES
     ) -> None:
         self.table = make_table(routes=routes)
-        self.events: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, self.events.append)
-        globalLogPublisher.addObserver(observer)
-        testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.events = log_events(testcase)
 
     def connect(self) -> None:
         """

@@ -12,7 +12,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import yaml
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -33,6 +32,7 @@ from aiproxy.lifecycle import (
 from aiproxy.metrics import Metrics
 from aiproxy.routes import RouteTable, build_routes
 from aiproxy.tap import GatewayService
+from tests.helpers import write_config
 from tests.test_proxy import (
     API_KEY,
     CHAT,
@@ -348,9 +348,7 @@ class ReloadTests(SynchronousTestCase):
         self.reloader.startService()
 
     def write(self, document: Any) -> None:
-        self.path.write_text(
-            document if isinstance(document, str) else yaml.safe_dump(document), encoding="utf-8"
-        )
+        write_config(self.path.parent, document, self.path.name)
 
     def test_new_routes(self) -> None:
         """

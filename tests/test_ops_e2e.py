@@ -31,8 +31,8 @@ from tests.daemon import (
     start_daemon,
     start_mock,
     wait_until,
-    write_config,
 )
+from tests.helpers import data_events, write_config
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "gpt-ops", "messages": MESSAGES}
@@ -46,18 +46,6 @@ CLIENT_SECRET = "Bearer client-ops-secret-987"
 ACCESS_KEYS = RECORD_KEYS | {"attempts"}
 
 _METRICS_LINE = re.compile(r"MetricsSite starting on (\d+)")
-
-
-def data_events(body: bytes) -> list[bytes]:
-    """
-    The C{data} values of an SSE body, in order.
-    """
-    return [
-        line[len(b"data: ") :]
-        for block in body.replace(b"\r\n", b"\n").split(b"\n\n")
-        for line in block.split(b"\n")
-        if line.startswith(b"data: ")
-    ]
 
 
 def contents(body: bytes) -> list[str]:

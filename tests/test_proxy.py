@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
@@ -28,7 +28,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
@@ -45,6 +45,7 @@ from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory, IFilterPlugin, I
 from aiproxy.routes import RouteTable, build_routes
 from aiproxy.schema import load_schema
 from aiproxy.server import GatewayResource, GatewaySite
+from tests.helpers import log_events
 
 #: The route's upstream credential: it must never appear in a log event.
 API_KEY = "sk-unit-test-secret-4242"
@@ -380,10 +381,7 @@ class Gateway:
         self.site_reactor = MemoryReactorClock()
         self.resource = GatewayResource(table, self.clock)
         self.site = GatewaySite(self.resource, reactor=self.site_reactor)
-        self.events: list[dict[str, Any]] = []
-        observer = cast(ILogObserver, self.events.append)
-        globalLogPublisher.addObserver(observer)
-        testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.events = log_events(testcase)
         self.connect()
 
     def connect(self) -> None:

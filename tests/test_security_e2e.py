@@ -12,8 +12,6 @@ The certificates are made at test time with C{cryptography}.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import socket
 import ssl
@@ -22,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -44,6 +41,7 @@ from tests.daemon import (
     start_daemon,
     start_mock,
 )
+from tests.helpers import certificate, key_pem
 from tests.test_proxy import Gateway, make_table, request_bytes
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -62,52 +60,18 @@ CRASH_WORDS = ("Traceback", "Unhandled Error", "Unhandled error")
 # -- certificates ------------------------------------------------------------------
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(
-    key: ec.EllipticCurvePrivateKey,
-    subject: x509.Name,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Name,
-    ca: bool,
-) -> x509.Certificate:
-    """
-    A certificate for C{key}, signed by C{issuer_key}, valid for a day
-    around now, naming C{localhost} and C{127.0.0.1} unless it is a CA.
-    """
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 def _write_pair(
     directory: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
 ) -> tuple[Path, Path]:
     key_path = directory / f"{stem}.key"
     cert_path = directory / f"{stem}.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key_path.write_bytes(key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+#: The names of the test certificates (not the CA's).
+_HOSTNAMES = ("localhost", "127.0.0.1")
 
 
 class Certificates:
@@ -119,15 +83,17 @@ class Certificates:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = _certificate(
-            ca_key, _name("aiproxy test CA"), ca_key, _name("aiproxy test CA"), ca=True
-        )
+        ca = certificate(ca_key, "aiproxy test CA", ca_key, "aiproxy test CA", ca=True)
         _, self.ca = _write_pair(directory, "ca", ca_key, ca)
         leaf_key = ec.generate_private_key(ec.SECP256R1())
-        leaf = _certificate(leaf_key, _name("localhost"), ca_key, ca.subject, ca=False)
+        leaf = certificate(
+            leaf_key, "localhost", ca_key, "aiproxy test CA", ca=False, hostnames=_HOSTNAMES
+        )
         self.leaf_key, self.leaf = _write_pair(directory, "leaf", leaf_key, leaf)
         own_key = ec.generate_private_key(ec.SECP256R1())
-        own = _certificate(own_key, _name("localhost"), own_key, _name("localhost"), ca=False)
+        own = certificate(
+            own_key, "localhost", own_key, "localhost", ca=False, hostnames=_HOSTNAMES
+        )
         self.self_signed_key, self.self_signed = _write_pair(directory, "self-signed", own_key, own)
 
 

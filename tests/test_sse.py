@@ -9,11 +9,11 @@ from itertools import pairwise, product
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from aiproxy.sse import SSEDecoder, SSEEvent
+from tests.helpers import log_events
 
 
 def naive_decode(stream: bytes) -> list[SSEEvent]:
@@ -140,22 +140,6 @@ def chunked(
     stream = draw(stream_strategy)
     cuts = draw(st.lists(st.integers(0, len(stream)), max_size=12))
     return stream, split_at(stream, cuts)
-
-
-@implementer(ILogObserver)
-class _Warnings:
-    """
-    Collect the decoder's log events while installed.
-    """
-
-    def __init__(self, case: SynchronousTestCase) -> None:
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self)
-        case.addCleanup(globalLogPublisher.removeObserver, self)
-
-    def __call__(self, event: dict) -> None:
-        if event.get("log_namespace") == "aiproxy.sse":
-            self.events.append(event)
 
 
 class SSEEventTests(SynchronousTestCase):
@@ -287,12 +271,12 @@ class SSEDecoderTests(SynchronousTestCase):
         L{SSEDecoder.close} drops an incomplete event with a warning giving
         its size, and returns no events.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.sse")
         decoder = SSEDecoder()
         decoder.feed(b"data: a\n\ndata: partial")
         self.assertEqual(decoder.close(), [])
         self.assertEqual(decoder.pending, 0)
-        [warning] = warnings.events
+        [warning] = warnings
         self.assertEqual(warning["log_level"], LogLevel.warn)
         self.assertEqual(
             warning["log_format"], "dropping incomplete stream frame at EOF, size: {size}"
@@ -304,43 +288,43 @@ class SSEDecoderTests(SynchronousTestCase):
         L{SSEDecoder.close} after complete events, or after trailing blank
         lines, warns about nothing.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.sse")
         for stream in [b"", b"data: a\n\n", b"data: a\n\n\n", b"data: a\r\n\r\n\r\n\r"]:
             decoder = SSEDecoder()
             decoder.feed(stream)
             self.assertEqual(decoder.close(), [])
-        self.assertEqual(warnings.events, [])
+        self.assertEqual(warnings, [])
 
     def test_remainder_cap(self) -> None:
         """
         An incomplete event growing beyond C{max_remainder} is dropped with a
         warning, up to its boundary; decoding resumes after it.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.sse")
         decoder = SSEDecoder(max_remainder=16)
         self.assertEqual(decoder.feed(b"data: a\n\ndata: 0123456789"), [SSEEvent(b"a")])
-        self.assertEqual(warnings.events, [])
+        self.assertEqual(warnings, [])
         self.assertEqual(decoder.feed(b'abc,"k":"v"}'), [])
         self.assertLessEqual(decoder.pending, 3)
         self.assertEqual(decoder.feed(b"more"), [])
         self.assertEqual(decoder.feed(b"\r\n"), [])
         self.assertEqual(decoder.feed(b"\r\ndata: b\n\n"), [SSEEvent(b"b")])
-        [warning] = warnings.events
+        [warning] = warnings
         self.assertEqual(warning["log_level"], LogLevel.warn)
         self.assertEqual(warning["log_format"], "stream remainder exceeded {limit} bytes, dropping")
         self.assertEqual(warning["limit"], 16)
         self.assertEqual(decoder.close(), [])
-        self.assertEqual(len(warnings.events), 1)
+        self.assertEqual(len(warnings), 1)
 
     def test_remainder_cap_in_one_chunk(self) -> None:
         """
         A chunk that leaves more than C{max_remainder} bytes after its last
         event drops them; the next boundary ends the dropped event.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.sse")
         decoder = SSEDecoder(max_remainder=8)
         self.assertEqual(decoder.feed(b"data: a\n\ndata: 0123456789"), [SSEEvent(b"a")])
-        self.assertEqual(len(warnings.events), 1)
+        self.assertEqual(len(warnings), 1)
         self.assertEqual(decoder.feed(b"\n\ndata: b\n\n"), [SSEEvent(b"b")])
 
     def test_remainder_cap_dropped_at_close(self) -> None:
@@ -348,11 +332,11 @@ class SSEDecoderTests(SynchronousTestCase):
         An event still being dropped at the end of the stream is not warned
         about twice.
         """
-        warnings = _Warnings(self)
+        warnings = log_events(self, "aiproxy.sse")
         decoder = SSEDecoder(max_remainder=4)
         decoder.feed(b"data: 0123456789")
         self.assertEqual(decoder.close(), [])
-        self.assertEqual(len(warnings.events), 1)
+        self.assertEqual(len(warnings), 1)
         self.assertEqual(decoder.feed(b"data: a\n\n"), [SSEEvent(b"a")])
 
     def test_remainder_within_cap(self) -> None:

@@ -29,8 +29,8 @@ from tests.daemon import (
     start_mock,
     twistd_command,
     wait_until,
-    write_config,
 )
+from tests.helpers import write_config
 
 CONF = REPO_ROOT / "conf"
 SERVICE = CONF / "aiproxy.service"

@@ -8,13 +8,10 @@ L{StringTransport}.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectingCancelledError
@@ -26,6 +23,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface.verify import verifyObject
 
 from aiproxy.upstream import BytesProducer, UpstreamClient, tls_policy
+from tests.helpers import certificate, key_pem
 
 CONF = {
     "timeout": 5000,
@@ -41,24 +39,8 @@ def self_signed(hostname: str) -> tuple[bytes, bytes]:
     A self-signed CA certificate for C{hostname} and its key, both PEM.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+    cert = certificate(key, hostname, key, hostname, ca=True, hostnames=[hostname])
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
 
 
 class FakeTLSTransport:
