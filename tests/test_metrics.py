@@ -54,6 +54,27 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return samples(metrics).get((name, frozenset(labels.items())))
 
 
+def requests_total(
+    metrics: Metrics,
+    status: str,
+    request_type: str,
+    route: str = "chat",
+    instance: str = "ai-proxy-openai",
+) -> float | None:
+    """
+    The C{aiproxy_requests_total} sample of one route, instance, status and
+    request type (by default the test table's route), or L{None}.
+    """
+    return value(
+        metrics,
+        "aiproxy_requests_total",
+        route=route,
+        instance=instance,
+        status=status,
+        request_type=request_type,
+    )
+
+
 def families(metrics: Metrics) -> dict[str, Any]:
     """
     The metric families of a scrape, by name.
@@ -106,17 +127,7 @@ class MetricNamesTests(SynchronousTestCase):
             self.assertEqual(found[name].type, kind, name)
             names = {key for sample in found[name].samples for key in sample.labels} - {"le"}
             self.assertEqual(names, labels, name)
-        self.assertEqual(
-            value(
-                metrics,
-                "aiproxy_requests_total",
-                route="chat",
-                instance="ai-proxy-openai",
-                status="200",
-                request_type="ai_stream",
-            ),
-            1.0,
-        )
+        self.assertEqual(requests_total(metrics, "200", "ai_stream"), 1.0)
 
     def test_other_families(self) -> None:
         """
@@ -143,16 +154,7 @@ class MetricNamesTests(SynchronousTestCase):
         first, second = Metrics(), Metrics()
         first.observe_record(RECORD)
         self.assertIsNot(first.registry, second.registry)
-        self.assertIsNone(
-            value(
-                second,
-                "aiproxy_requests_total",
-                route="chat",
-                instance="ai-proxy-openai",
-                status="200",
-                request_type="ai_stream",
-            )
-        )
+        self.assertIsNone(requests_total(second, "200", "ai_stream"))
         self.assertNotIn(b"aiproxy_", generate_latest(REGISTRY))
 
 
@@ -240,17 +242,7 @@ class RecordTests(SynchronousTestCase):
         metrics.observe_record(
             {"route_id": None, "instance": None, "status": 404, "request_type": None}
         )
-        self.assertEqual(
-            value(
-                metrics,
-                "aiproxy_requests_total",
-                route="",
-                instance="",
-                status="404",
-                request_type="",
-            ),
-            1.0,
-        )
+        self.assertEqual(requests_total(metrics, "404", "", route="", instance=""), 1.0)
 
 
 class ModelLabelTests(SynchronousTestCase):
@@ -371,17 +363,7 @@ class ExchangeMetricsTests(SynchronousTestCase):
         self.assertTrue(gateway.response().complete)
         self.assertEqual(value(metrics, "aiproxy_active_streams"), 0.0)
         self.assertEqual(value(metrics, "aiproxy_in_flight_requests"), 0.0)
-        self.assertEqual(
-            value(
-                metrics,
-                "aiproxy_requests_total",
-                route="chat",
-                instance="ai-proxy-openai",
-                status="200",
-                request_type="ai_stream",
-            ),
-            1.0,
-        )
+        self.assertEqual(requests_total(metrics, "200", "ai_stream"), 1.0)
         self.assertAlmostEqual(
             value(
                 metrics,
@@ -423,17 +405,7 @@ class ExchangeMetricsTests(SynchronousTestCase):
         upstream = gateway.answer(json_response(body))
         upstream.data(body)
         upstream.end()
-        self.assertEqual(
-            value(
-                metrics,
-                "aiproxy_requests_total",
-                route="chat",
-                instance="ai-proxy-openai",
-                status="200",
-                request_type="ai_chat",
-            ),
-            1.0,
-        )
+        self.assertEqual(requests_total(metrics, "200", "ai_chat"), 1.0)
         self.assertIsNone(value(metrics, "aiproxy_ttft_seconds_count", route="chat"))
         self.assertIsNone(value(metrics, "aiproxy_stream_chunk_gap_seconds_count", route="chat"))
         self.assertEqual(
@@ -452,17 +424,7 @@ class ExchangeMetricsTests(SynchronousTestCase):
         gateway.disconnect()
         self.assertEqual(value(metrics, "aiproxy_aborts_total", reason="client_disconnect"), 1.0)
         self.assertEqual(value(metrics, "aiproxy_active_streams"), 0.0)
-        self.assertEqual(
-            value(
-                metrics,
-                "aiproxy_requests_total",
-                route="chat",
-                instance="ai-proxy-openai",
-                status="499",
-                request_type="ai_stream",
-            ),
-            1.0,
-        )
+        self.assertEqual(requests_total(metrics, "499", "ai_stream"), 1.0)
 
     def test_no_route(self) -> None:
         """
@@ -472,17 +434,7 @@ class ExchangeMetricsTests(SynchronousTestCase):
         gateway, _ = monitored(self, make_table(), metrics)
         gateway.send(CHAT, path=b"/nowhere")
         self.assertEqual(gateway.response().status, 404)
-        self.assertEqual(
-            value(
-                metrics,
-                "aiproxy_requests_total",
-                route="",
-                instance="",
-                status="404",
-                request_type="",
-            ),
-            1.0,
-        )
+        self.assertEqual(requests_total(metrics, "404", "", route="", instance=""), 1.0)
 
     def test_metrics_off_hot_path(self) -> None:
         """
