@@ -13,12 +13,9 @@ first, then timed; C{json.loads} of every payload is timed as a reference cost.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -29,6 +26,7 @@ from openai._streaming import SSEDecoder as OpenAIDecoder
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiproxy.sse import SSEDecoder, SSEEvent  # noqa: E402
+from bench._timing import cpu_time  # noqa: E402
 
 __all__ = ["build_corpus", "main", "split_chunks"]
 
@@ -159,24 +157,6 @@ def run_json(payloads: Sequence[bytes]) -> None:
     loads = json.loads
     for payload in payloads:
         loads(payload)
-
-
-def cpu_time(run: Callable[[], object], runs: int) -> float:
-    """
-    Time a function.
-
-    @param run: The function.
-    @param runs: How many timed runs, after one warm-up run.
-    @return: The median CPU time of one run, in seconds.
-    """
-    run()
-    times = []
-    for _ in range(runs):
-        gc.collect()
-        start = time.process_time()
-        run()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

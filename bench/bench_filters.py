@@ -18,13 +18,10 @@ runs, divided by the number of events.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +36,7 @@ from aiproxy.filters import BodyFilterChain, Terminate, open_chain  # noqa: E402
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory  # noqa: E402
 from aiproxy.protocols import OPENAI_CHAT, observer_for  # noqa: E402
 from aiproxy.sse import SSEDecoder  # noqa: E402
+from bench._timing import cpu_time  # noqa: E402
 
 __all__ = ["build_stream", "main", "run_stream"]
 
@@ -173,20 +171,6 @@ def text_of(body: bytes) -> str:
             for choice in json.loads(event.data)["choices"]:
                 text.append(choice["delta"].get("content") or "")
     return "".join(text)
-
-
-def cpu_time(run: Callable[[], object], runs: int) -> float:
-    """
-    The median CPU time of C{runs} runs (after one warm-up run), in seconds.
-    """
-    run()
-    times = []
-    for _ in range(runs):
-        gc.collect()
-        start = time.process_time()
-        run()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
