@@ -20,13 +20,13 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+from _timing import cpu_time  # the benchmarks' folder is sys.path[0]
 from openai._streaming import ServerSentEvent, _SSELineDecoder
 from openai._streaming import SSEDecoder as OpenAIDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiproxy.sse import SSEDecoder, SSEEvent  # noqa: E402
-from bench._timing import cpu_time  # noqa: E402
 
 __all__ = ["build_corpus", "main", "split_chunks"]
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from _timing import cpu_time  # the benchmarks' folder is sys.path[0]
 from zope.interface import implementer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,7 +37,6 @@ from aiproxy.filters import BodyFilterChain, Terminate, open_chain  # noqa: E402
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory  # noqa: E402
 from aiproxy.protocols import OPENAI_CHAT, observer_for  # noqa: E402
 from aiproxy.sse import SSEDecoder  # noqa: E402
-from bench._timing import cpu_time  # noqa: E402
 
 __all__ = ["build_stream", "main", "run_stream"]
 
