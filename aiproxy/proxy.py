@@ -217,6 +217,10 @@ class Exchange:
         except ClientError as e:
             self._respond_error(e.status, e.message)
             return
+        except Exception:
+            # A request filter (or a bug) failed: a JSON 500 and a true record.
+            self._bug(Failure())
+            return
         if upstream is None:
             return
         method, url, headers, body = upstream

@@ -632,6 +632,26 @@ class UpstreamRequestTests(SynchronousTestCase):
         self.assertEqual(response.json(), {"message": "denied"})
         self.assertEqual(gateway.record["status"], 403)
 
+    def test_request_filter_raises(self) -> None:
+        """
+        A request filter that raises gets the client a JSON 500, nothing goes
+        upstream, and the access record says so.
+        """
+
+        def broken(context: Any) -> None:
+            raise RuntimeError("broken filter")
+
+        plugin = RequestPlugin("broken", broken)
+        gateway = Gateway(self, make_table(plugins={"broken": {}}, filter_plugins=[plugin]))
+        gateway.send()
+        self.assertEqual(gateway.client.calls, [])
+        response = gateway.response()
+        self.assertEqual(response.status, 500)
+        self.assertEqual(response.json(), {"message": "internal error"})
+        self.assertEqual(gateway.record["status"], 500)
+        self.assertEqual(gateway.record["abort_reason"], "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_request_filter_rewrite(self) -> None:
         """
         A request filter that changes the body and says so sends the new
