@@ -11,6 +11,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -31,6 +32,7 @@ from aiproxy.protocols import (
     PASSTHROUGH,
 )
 from aiproxy.sse import SSEDecoder
+from tests.helpers import log_events
 from tests.test_proxy import (
     CHAT,
     DONE,
@@ -258,6 +260,28 @@ class PluginTests(SynchronousTestCase):
                 context = ExchangeContext("r", "i", 0.0)
                 context.protocol = protocol
                 self.assertIsNone(factory.body_filter(context))
+
+    def test_unsupported_protocol_warned_once(self) -> None:
+        """
+        A response plugin warns once per protocol it cannot read, in its
+        own log namespace, not once per request.
+        """
+        for name, config in [
+            ("ai-response-guard", {"deny_patterns": ["x"]}),
+            ("ai-response-redact", {"rules": [{"pattern": "x"}]}),
+        ]:
+            module = "aiproxy.builtin." + name.removeprefix("ai-").replace("-", "_")
+            events = log_events(self, module)
+            factory = configure(name, config)
+            for protocol in (OPENAI_EMBEDDINGS, OPENAI_EMBEDDINGS, PASSTHROUGH, OPENAI_CHAT):
+                context = ExchangeContext("r", "i", 0.0)
+                context.protocol = protocol
+                factory.body_filter(context)
+            self.assertEqual(
+                [(e["log_level"], e["protocol"]) for e in events],
+                [(LogLevel.warn, OPENAI_EMBEDDINGS), (LogLevel.warn, PASSTHROUGH)],
+            )
+            self.assertIn(name + " does not read", formatEvent(events[0]))
 
     def test_defaults(self) -> None:
         """

@@ -29,6 +29,7 @@ import dataclasses
 import json
 from typing import Any
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from aiproxy.builtin._common import dumps, encode_event
@@ -38,10 +39,40 @@ from aiproxy.interfaces import IBodyFilter
 from aiproxy.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT
 from aiproxy.sse import SSEDecoder, SSEEvent
 
-__all__ = ["SUPPORTED_PROTOCOLS", "TextStreamFilter"]
+__all__ = ["SUPPORTED_PROTOCOLS", "ProtocolGate", "TextStreamFilter"]
 
 #: The client protocols whose responses these filters read.
 SUPPORTED_PROTOCOLS = frozenset({OPENAI_CHAT, ANTHROPIC_MESSAGES})
+
+
+class ProtocolGate:
+    """
+    Whether a response-text plugin reads a response: only in one of the
+    L{SUPPORTED_PROTOCOLS}; one in another protocol passes untouched, with
+    one warning per protocol (not one per request).
+    """
+
+    def __init__(self, log: Logger, warning: str) -> None:
+        """
+        @param log: the plugin's logger.
+        @param warning: the warning's format string, with a C{{protocol}}
+            field.
+        """
+        self._log = log
+        self._warning = warning
+        self._warned: set[str | None] = set()
+
+    def reads(self, protocol: str | None) -> bool:
+        """
+        Whether the plugin filters a response in C{protocol}.
+        """
+        if protocol in SUPPORTED_PROTOCOLS:
+            return True
+        if protocol not in self._warned:
+            self._warned.add(protocol)
+            self._log.warn(self._warning, protocol=protocol)
+        return False
+
 
 _ANTHROPIC_ENDS = frozenset({"message_delta", "message_stop", "error"})
 

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aiproxy.builtin._common import META_PROPERTY, compile_patterns, dumps, pattern_list
-from aiproxy.builtin._textstream import SUPPORTED_PROTOCOLS, TextStreamFilter
+from aiproxy.builtin._textstream import ProtocolGate, TextStreamFilter
 from aiproxy.filters import Terminate
 from aiproxy.holdback import HoldBackWindow
 from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin
@@ -107,22 +107,17 @@ class ResponseGuard:
         self.deny_code: int = config["deny_code"]
         self.deny_message: str = config["deny_message"]
         self.hold_back_chars: int = config["hold_back_chars"]
-        self._warned: set[str] = set()
+        self._protocols = ProtocolGate(
+            log, "ai-response-guard does not read {protocol} responses; they pass unguarded"
+        )
 
     def body_filter(self, context: Any) -> ResponseGuardFilter | None:
         """
         Guard one response of a supported protocol.
         """
-        protocol = context.protocol
-        if protocol not in SUPPORTED_PROTOCOLS:
-            if protocol not in self._warned:
-                self._warned.add(protocol)
-                log.warn(
-                    "ai-response-guard does not read {protocol} responses; they pass unguarded",
-                    protocol=protocol,
-                )
+        if not self._protocols.reads(context.protocol):
             return None
-        return ResponseGuardFilter(self, protocol)
+        return ResponseGuardFilter(self, context.protocol)
 
 
 class ResponseGuardFilter(TextStreamFilter):

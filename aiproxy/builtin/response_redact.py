@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aiproxy.builtin._common import META_PROPERTY, PluginConfigError
-from aiproxy.builtin._textstream import SUPPORTED_PROTOCOLS, TextStreamFilter
+from aiproxy.builtin._textstream import ProtocolGate, TextStreamFilter
 from aiproxy.filters import Terminate
 from aiproxy.holdback import HoldBackWindow, PatternError, compile_pattern
 from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin
@@ -125,22 +125,17 @@ class ResponseRedact:
         if problems:
             raise PluginConfigError(problems)
         self.hold_back_chars: int = config["hold_back_chars"]
-        self._warned: set[str] = set()
+        self._protocols = ProtocolGate(
+            log, "ai-response-redact does not read {protocol} responses; they pass unredacted"
+        )
 
     def body_filter(self, context: Any) -> ResponseRedactFilter | None:
         """
         Redact one response of a supported protocol.
         """
-        protocol = context.protocol
-        if protocol not in SUPPORTED_PROTOCOLS:
-            if protocol not in self._warned:
-                self._warned.add(protocol)
-                log.warn(
-                    "ai-response-redact does not read {protocol} responses; they pass unredacted",
-                    protocol=protocol,
-                )
+        if not self._protocols.reads(context.protocol):
             return None
-        return ResponseRedactFilter(self, protocol)
+        return ResponseRedactFilter(self, context.protocol)
 
 
 class ResponseRedactFilter(TextStreamFilter):
