@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import yaml
 from cryptography import x509
@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 __all__ = [
     "certificate",
     "data_events",
+    "feed_all",
     "key_pem",
     "log_events",
     "write_config",
@@ -38,6 +39,27 @@ def data_events(body: bytes) -> list[bytes]:
         for line in block.split(b"\n")
         if line.startswith(b"data: ")
     ]
+
+
+T = TypeVar("T")
+
+
+class _Decoder(Protocol[T]):
+    def feed(self, data: bytes) -> list[T]: ...
+
+    def close(self) -> list[T]: ...
+
+
+def feed_all(decoder: _Decoder[T], chunks: Iterable[bytes]) -> list[T]:
+    """
+    Feed chunks to a stream decoder in order, then close it: everything it
+    decoded.
+    """
+    decoded = []
+    for chunk in chunks:
+        decoded.extend(decoder.feed(chunk))
+    decoded.extend(decoder.close())
+    return decoded
 
 
 def log_events(testcase: SynchronousTestCase, namespace: str | None = None) -> list[dict[str, Any]]:

@@ -93,6 +93,25 @@ def chunk(
     return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
 
 
+def completion(text: str) -> bytes:
+    """
+    A non-streamed OpenAI C{chat.completion} whose message is C{text}.
+    """
+    document = {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    return json.dumps(document).encode()
+
+
 def anthropic(kind: str, **fields: Any) -> bytes:
     """
     An Anthropic messages stream event.
@@ -266,10 +285,11 @@ class PluginTests(SynchronousTestCase):
         A response plugin warns once per protocol it cannot read, in its
         own log namespace, not once per request.
         """
-        for name, config in [
+        plugins: list[tuple[str, dict[str, Any]]] = [
             ("ai-response-guard", {"deny_patterns": ["x"]}),
             ("ai-response-redact", {"rules": [{"pattern": "x"}]}),
-        ]:
+        ]
+        for name, config in plugins:
             module = "aiproxy.builtin." + name.removeprefix("ai-").replace("-", "_")
             events = log_events(self, module)
             factory = configure(name, config)
@@ -755,20 +775,7 @@ class ResponseGuardTests(SynchronousTestCase):
         """
         gateway = self.gateway(deny_code=451)
         gateway.send(CHAT)
-        body = json.dumps(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "model": "m",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "so forbidden"},
-                        "finish_reason": "stop",
-                    }
-                ],
-            }
-        ).encode()
+        body = completion("so forbidden")
         upstream = gateway.answer(json_response(body, length=len(body)))
         upstream.data(body)
         upstream.end()
@@ -904,20 +911,7 @@ class ResponseRedactTests(SynchronousTestCase):
         """
         gateway = self.gateway()
         gateway.send(CHAT)
-        body = json.dumps(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "model": "m",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "mail a@b.com"},
-                        "finish_reason": "stop",
-                    }
-                ],
-            }
-        ).encode()
+        body = completion("mail a@b.com")
         upstream = gateway.answer(json_response(body, length=len(body)))
         upstream.data(body)
         upstream.end()

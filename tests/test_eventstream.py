@@ -17,7 +17,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from aiproxy.eventstream import EventStreamDecoder, EventStreamMessage, encode_message
-from tests.helpers import log_events
+from tests.helpers import feed_all, log_events
 
 
 def header(name: bytes, kind: int, value: bytes = b"") -> bytes:
@@ -47,21 +47,6 @@ def frame(headers: bytes, payload: bytes, total: int | None = None) -> bytes:
     prelude = struct.pack(">II", total, len(headers))
     message = prelude + struct.pack(">I", zlib.crc32(prelude)) + headers + payload
     return message + struct.pack(">I", zlib.crc32(message))
-
-
-def feed_all(decoder: EventStreamDecoder, chunks: list[bytes]) -> list[EventStreamMessage]:
-    """
-    Feed chunks to a decoder, then close it.
-
-    @param decoder: The decoder.
-    @param chunks: The chunks, in order.
-    @return: All the messages.
-    """
-    messages = []
-    for chunk in chunks:
-        messages.extend(decoder.feed(chunk))
-    messages.extend(decoder.close())
-    return messages
 
 
 _CHUNK = encode_message(

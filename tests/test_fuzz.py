@@ -37,7 +37,7 @@ from aiproxy.routes import build_routes
 from aiproxy.server import GatewayResource, GatewaySite
 from aiproxy.sse import SSEDecoder
 from tests.daemon import RawHTTPClient, in_thread, proxy_route, start_daemon, start_mock
-from tests.helpers import log_events
+from tests.helpers import feed_all, log_events
 from tests.test_config import PROBLEM_LINE
 from tests.test_proxy import FakeResponse, FakeUpstreamClient, make_table, parse_response
 
@@ -107,13 +107,6 @@ def chunked_streams(draw: Any, streams: Any = sse_streams) -> tuple[bytes, list[
     return data, draw(chunkings(data))
 
 
-def decode_all(decoder: Any, chunks: list[bytes]) -> list[Any]:
-    events = []
-    for chunk in chunks:
-        events += decoder.feed(chunk)
-    return events + decoder.close()
-
-
 class DecoderFuzzTests(SynchronousTestCase):
     """
     The stream decoders on whatever an upstream may send.
@@ -145,7 +138,7 @@ class DecoderFuzzTests(SynchronousTestCase):
         feeding them whole.
         """
         data, chunks = case
-        self.assertEqual(decode_all(SSEDecoder(), chunks), decode_all(SSEDecoder(), [data]))
+        self.assertEqual(feed_all(SSEDecoder(), chunks), feed_all(SSEDecoder(), [data]))
 
     @fuzz(300)
     @given(

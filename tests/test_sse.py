@@ -13,7 +13,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from aiproxy.sse import SSEDecoder, SSEEvent
-from tests.helpers import log_events
+from tests.helpers import feed_all, log_events
 
 
 def naive_decode(stream: bytes) -> list[SSEEvent]:
@@ -76,21 +76,6 @@ def naive_parse(block: bytes) -> SSEEvent | None:
             except ValueError:
                 pass
     return event
-
-
-def feed_all(decoder: SSEDecoder, chunks: list[bytes]) -> list[SSEEvent]:
-    """
-    Feed chunks to a decoder, then close it.
-
-    @param decoder: The decoder.
-    @param chunks: The chunks, in order.
-    @return: All the events.
-    """
-    events = []
-    for chunk in chunks:
-        events.extend(decoder.feed(chunk))
-    events.extend(decoder.close())
-    return events
 
 
 def split_at(stream: bytes, cuts: list[int]) -> list[bytes]:
