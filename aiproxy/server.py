@@ -86,6 +86,14 @@ def _log_rejection(monitor: Any, record: dict[str, Any]) -> None:
         metrics.observe_record(record)
 
 
+def _monitor_of(site: Site) -> Any:
+    """
+    The L{aiproxy.interfaces.IExchangeMonitor} of the site's
+    L{GatewayResource}, or L{None}.
+    """
+    return getattr(site.resource, "monitor", None)
+
+
 def _rejection_record(
     method: bytes,
     path: bytes,
@@ -236,7 +244,7 @@ class GatewayRequest(Request):
         )
         transport.loseConnection()
         _log_rejection(
-            getattr(self.channel.site.resource, "monitor", None),
+            _monitor_of(self.channel.site),
             _rejection_record(
                 command, path, 413, self._route, "request_too_large", self._received, len(body)
             ),
@@ -246,7 +254,8 @@ class GatewayRequest(Request):
 class GatewayChannel(HTTPChannel):
     """
     An HTTP/1.1 channel whose refusals of a request head are clean answers,
-    each with a JSON body, C{Connection: close} and an access record: 414
+    each with a JSON body, C{Connection: close} and an access record
+    (counted in the metrics, as a 404 is): 414
     for a request line longer than C{MAX_LENGTH} (16 KiB), 431 for a header
     line that long, more than C{maxHeaders} headers or a head of more than
     C{totalHeadersSize} bytes, 400 for anything else malformed. Twisted
@@ -294,7 +303,10 @@ class GatewayChannel(HTTPChannel):
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         command = getattr(self, "_command", None) or b""
         path = getattr(self, "_path", None) or b""
-        log_access(_rejection_record(command, path, status, reason=reason, bytes_out=len(body)))
+        _log_rejection(
+            _monitor_of(self.site),
+            _rejection_record(command, path, status, reason=reason, bytes_out=len(body)),
+        )
 
 
 def _gateway_channel(factory: Site) -> _GenericHTTPChannelProtocol:

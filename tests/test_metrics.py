@@ -30,6 +30,7 @@ from tests.test_proxy import (
     delta,
     json_response,
     make_table,
+    request_bytes,
     stream_response,
 )
 
@@ -435,6 +436,28 @@ class ExchangeMetricsTests(SynchronousTestCase):
         gateway.send(CHAT, path=b"/nowhere")
         self.assertEqual(gateway.response().status, 404)
         self.assertEqual(requests_total(metrics, "404", "", route="", instance=""), 1.0)
+
+    def test_head_refusals(self) -> None:
+        """
+        The listener's refusals of a request head (414, 431, 400) are
+        counted as requests of no route, and their reasons as aborts, like
+        a 404.
+        """
+        metrics = Metrics()
+        gateway, _ = monitored(self, make_table(), metrics)
+        for data in (
+            request_bytes(path=b"/v1/chat/completions?" + b"a" * 20000),
+            request_bytes(headers={b"x-big": b"a" * 20000}),
+            b"GARBAGE\r\n\r\n",
+        ):
+            gateway.connect()
+            gateway.channel.dataReceived(data)
+        for status in ("414", "431", "400"):
+            self.assertEqual(
+                requests_total(metrics, status, "", route="", instance=""), 1.0, status
+            )
+        for reason in ("request_line_too_long", "request_headers_too_large", "bad_request"):
+            self.assertEqual(value(metrics, "aiproxy_aborts_total", reason=reason), 1.0, reason)
 
     def test_metrics_off_hot_path(self) -> None:
         """
