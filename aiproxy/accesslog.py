@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_accesslog -*-
+# -*- test-case-name: tests.test_logs -*-
 """
 The access log: one JSON object per request, through C{twisted.logger}.
 

@@ -3,9 +3,10 @@
 The daemon's log observer: one line per event on a text stream, access
 records as bare JSON objects, everything else as classic Twisted log text.
 
-twistd uses it when no C{--logfile}/C{--logger} is given (so
-C{twistd -n aiproxy} prints to stdout); C{--logger=aiproxy.logs.json_observer}
-selects it explicitly with every event as JSON (e.g. for journald).
+The gateway installs it when twistd is given no C{--logfile}/C{--logger}
+(so C{twistd -n aiproxy} prints to stdout);
+C{--logger=aiproxy.logs.json_observer} selects instead an observer writing
+every event as one JSON object (e.g. for journald).
 """
 
 from __future__ import annotations

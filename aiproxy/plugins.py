@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_plugins -*-
+# -*- test-case-name: tests.test_builtin -*-
 """
 Finding filter plugins: the built-in ones and third-party dropins.
 

@@ -25,13 +25,13 @@ from aiproxy.providers import Provider
 
 __all__ = [
     "ClientError",
-    "UpstreamRequest",
     "Target",
     "apply_body_overrides",
     "check_content_type",
-    "too_large_message",
     "deep_merge",
+    "detect",
     "parse_body",
+    "too_large_message",
     "upstream_headers",
     "upstream_url",
 ]
@@ -87,18 +87,6 @@ class Target:
     name: str
     provider: Provider
     conf: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class UpstreamRequest:
-    """
-    A request ready to send upstream.
-    """
-
-    method: str
-    url: str
-    headers: Headers
-    body: bytes | None
 
 
 def too_large_message(size: int, limit: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-__all__ = ["format_path", "load_schema", "path_key", "schema_errors", "schema_problems"]
+__all__ = ["Problem", "format_path", "load_schema", "path_key", "schema_problems"]
 
 _SCHEMA_FILES = ("config", "ai-proxy", "ai-proxy-multi")
 
@@ -195,16 +195,3 @@ def schema_problems(
         and not (_under(path, unknown) and not message.startswith("unknown key "))
     ]
     return sorted(problems, key=lambda problem: path_key(problem[0]))
-
-
-def schema_errors(
-    instance: Any, schema: Mapping[str, Any], prefix: Iterable[str | int] = ()
-) -> Iterator[str]:
-    """
-    Validate C{instance} against C{schema}, filling in defaults, and yield
-    one C{"<json path>: <reason>"} line per problem, in document order.
-
-    @param prefix: the path of C{instance} inside the whole config file.
-    """
-    for path, message in schema_problems(instance, schema, prefix):
-        yield f"{format_path(path)}: {message}"

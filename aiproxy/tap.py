@@ -21,7 +21,7 @@ from aiproxy.logs import text_observer
 from aiproxy.routes import RouteTable, build_routes
 from aiproxy.server import GatewayResource, GatewaySite
 
-__all__ = ["GatewayService", "Options", "makeService"]
+__all__ = ["DEFAULT_BACKLOG", "GatewayService", "Options", "makeService", "with_backlog"]
 
 log = Logger()
 

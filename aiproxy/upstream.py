@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     # resolution.
     from treq._types import _ITreqReactor
 
-__all__ = ["UpstreamClient", "set_no_delay", "tls_policy"]
+__all__ = ["BytesProducer", "UpstreamClient", "set_no_delay", "tls_policy"]
 
 
 def set_no_delay(transport: Any) -> None:

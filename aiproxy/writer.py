@@ -24,7 +24,7 @@ from collections.abc import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
-__all__ = ["ImmediateWriter", "IntervalWriter", "make_writer"]
+__all__ = ["MAX_PENDING", "ImmediateWriter", "IntervalWriter", "make_writer"]
 
 #: Pending bytes above which an interval writer writes without waiting.
 MAX_PENDING = 64 * 1024

@@ -44,8 +44,6 @@ from tests.test_proxy import (
     stream_response,
 )
 
-PLUGINS = {plugin.name: plugin for plugin in BUILTINS}
-
 ANTHROPIC_ENDPOINT = "http://upstream.test:7751/v1/messages"
 
 
