@@ -103,7 +103,7 @@ class ExchangeContext:
         "method",
     )
 
-    def __init__(self, route_id: str, instance: str, started: float) -> None:
+    def __init__(self, route_id: str, instance: str | None, started: float) -> None:
         self.route_id = route_id
         self.instance = instance
         self.started = started
@@ -136,6 +136,27 @@ class ExchangeContext:
         self.flushes = 0
         self.path = ""
         self.method = ""
+
+    def reset_response(self) -> None:
+        """
+        Forget what an upstream attempt's response said (figures, text,
+        end marker, timings): the request falls back to another instance,
+        whose answer is the one recorded.
+        """
+        self.ttft_ms = None
+        self.upstream_response_time_ms = None
+        self.usage = None
+        self.prompt_tokens = None
+        self.completion_tokens = None
+        self.total_tokens = None
+        self.cache_read_input_tokens = None
+        self.cache_creation_input_tokens = None
+        self.reasoning_tokens = None
+        self.has_tool_calls = False
+        self.events = []
+        self._text = []
+        self.done = False
+        self.llm_model = None
 
     def mark_body_changed(self) -> None:
         """

@@ -15,6 +15,7 @@ __all__ = [
     "IExchangeMonitor",
     "IBodyFilterFactory",
     "IFilterPlugin",
+    "IHealthProbe",
     "IRequestFilter",
 ]
 
@@ -143,4 +144,27 @@ class IExchangeMonitor(Interface):
     def exchange_ended(exchange: Any, record: Any) -> None:
         """
         C{exchange} ended; C{record} is its access record.
+        """
+
+
+class IHealthProbe(Interface):
+    """
+    Sends one active health-check probe to an instance of an
+    C{ai-proxy-multi} route (L{aiproxy.health.HealthChecker} calls it every
+    interval). A probe carries only what the instance's C{checks.active}
+    and C{auth} say: never anything of a client's request.
+    """
+
+    def probe(target: Any) -> Any:
+        """
+        Probe once.
+
+        @param target: an L{aiproxy.health.ProbeTarget}: C{kind}
+            (C{http}, C{https} or C{tcp}), C{host}, C{port}, C{path},
+            C{headers}, C{timeout} (seconds) and C{verify}.
+        @return: a Deferred firing with the HTTP status of the answer
+            (L{None} for a C{tcp} probe that connected), or failing with
+            L{twisted.internet.defer.TimeoutError} when nothing came within
+            C{timeout}, or with the connection's failure. It may be
+            cancelled (the checker stops).
         """

@@ -123,8 +123,11 @@ class ExchangeMonitor:
             if sent is not None:
                 upstream_ttft = first_chunk - sent
                 first_output = exchange.first_output_at
-                if first_output is not None:
-                    gateway = (sent - started) + (first_output - first_chunk)
+                first_sent = exchange.first_sent_at
+                if first_output is not None and first_sent is not None:
+                    # Failed attempts of a fallback are not the gateway's
+                    # own latency: from the first attempt's sending only.
+                    gateway = (first_sent - started) + (first_output - first_chunk)
         self.metrics.observe_record(
             record,
             duration=self.clock.seconds() - started,

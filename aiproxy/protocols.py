@@ -23,9 +23,12 @@ __all__ = [
     "OPENAI_RESPONSES",
     "NULL_OBSERVER",
     "PASSTHROUGH",
+    "STREAM_CONTENT",
+    "STREAM_ERROR",
     "detect_protocol",
     "error_event",
     "observer_for",
+    "stream_signal",
 ]
 
 OPENAI_CHAT = "openai-chat"
@@ -327,3 +330,91 @@ def error_event(protocol: str, message: str, code: str) -> bytes:
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
     payload = {"error": {"message": message, "type": "aiproxy_error", "code": code}}
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+#: L{stream_signal}: the event carries content (the stream is committed).
+STREAM_CONTENT = "content"
+#: L{stream_signal}: the event reports an error in-band.
+STREAM_ERROR = "error"
+
+_RESPONSES_CONTENT = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.function_call_arguments.delta",
+    }
+)
+
+
+def _non_empty(value: Any) -> bool:
+    return isinstance(value, (str, list)) and len(value) > 0
+
+
+def _chat_content(document: Mapping[str, Any]) -> bool:
+    """
+    Whether an OpenAI chat chunk carries content: a non-empty text,
+    reasoning or refusal delta, or a tool call.
+    """
+    for choice in document.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and any(
+            _non_empty(delta.get(key))
+            for key in ("content", "reasoning_content", "reasoning", "refusal", "tool_calls")
+        ):
+            return True
+        if isinstance(delta, dict) and isinstance(delta.get("function_call"), dict):
+            return True
+    return False
+
+
+def stream_signal(protocol: str, event: Any) -> str | None:
+    """
+    What one SSE event of a stream says before its first content
+    (C{stream_commit_ms}): L{STREAM_CONTENT} for content (a non-empty text,
+    reasoning or refusal delta, or a tool call; a role-only chunk is not
+    content), L{STREAM_ERROR} for an error reported in-band, L{None} for
+    anything else (metadata, comments, the end marker). In a passthrough
+    stream every event but C{[DONE]} and an C{{"error": ...}} one is content.
+    """
+    data = event.data
+    kind = event.event
+    if protocol == ANTHROPIC_MESSAGES:
+        if kind == "error":
+            return STREAM_ERROR
+        if kind == "content_block_start":
+            document = _json(data)
+            block = document.get("content_block") if isinstance(document, dict) else None
+            if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
+                return STREAM_CONTENT
+            if isinstance(block, dict) and _non_empty(block.get("text")):
+                return STREAM_CONTENT
+        elif kind == "content_block_delta":
+            document = _json(data)
+            delta = document.get("delta") if isinstance(document, dict) else None
+            if isinstance(delta, dict) and any(
+                _non_empty(delta.get(key)) for key in ("text", "thinking", "partial_json")
+            ):
+                return STREAM_CONTENT
+        return None
+    if protocol == OPENAI_RESPONSES:
+        if kind in ("error", "response.failed"):
+            return STREAM_ERROR
+        if kind in _RESPONSES_CONTENT:
+            document = _json(data)
+            if isinstance(document, dict) and _non_empty(document.get("delta")):
+                return STREAM_CONTENT
+        elif kind == "response.output_item.added" and b'"function_call"' in data:
+            return STREAM_CONTENT
+        return None
+    if data == b"[DONE]" or not data:
+        return None
+    document = _json(data)
+    if isinstance(document, dict) and document.get("error"):
+        return STREAM_ERROR
+    if protocol == OPENAI_CHAT:
+        if kind == "error":
+            return STREAM_ERROR
+        return STREAM_CONTENT if isinstance(document, dict) and _chat_content(document) else None
+    return STREAM_CONTENT

@@ -2,16 +2,23 @@
 """
 One proxied request, from the client's body to the last byte relayed back.
 
-An L{Exchange} prepares the upstream request, sends it with the route's
-treq client, and relays the answer: a streamed response chunk by chunk
-through the SSE decoder, the protocol observer, the body filters and the
-flush writer; a non-streamed one whole. The client's connection is the
-consumer of the upstream body (backpressure), and one C{_stop_upstream}
-tears the upstream transfer down whatever phase it is in.
+An L{Exchange} checks the client's request once, then makes one upstream
+attempt after another: the route's balancer picks an instance, the request
+is built for it (its URL, credentials and body changes) and sent with its
+treq client. An attempt that fails before any output (an error status, a
+transport failure, a stream failing before its first content while
+C{stream_commit_ms} holds it) may fall back to another instance, as the
+route's L{aiproxy.routes.FallbackPolicy} allows; otherwise the answer is
+relayed: a streamed response chunk by chunk through the SSE decoder, the
+protocol observer, the body filters and the flush writer; a non-streamed one
+whole. The client's connection is the consumer of the upstream body
+(backpressure), and one C{_stop_upstream} tears the upstream transfer down
+whatever phase it is in.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from typing import Any, cast
@@ -41,8 +48,11 @@ from aiproxy.protocols import (
     OPENAI_CHAT,
     OPENAI_RESPONSES,
     PASSTHROUGH,
+    STREAM_CONTENT,
+    STREAM_ERROR,
     error_event,
     observer_for,
+    stream_signal,
 )
 from aiproxy.request import (
     ClientError,
@@ -53,7 +63,7 @@ from aiproxy.request import (
     too_large_message,
     upstream_headers,
 )
-from aiproxy.routes import Route
+from aiproxy.routes import Instance, Route
 from aiproxy.sse import SSEDecoder
 from aiproxy.writer import make_writer
 
@@ -83,6 +93,36 @@ _KEEPALIVE_HEADERS = (
 #: it was cut short, whatever the HTTP framing says.
 _TERMINATED_PROTOCOLS = frozenset({OPENAI_CHAT, ANTHROPIC_MESSAGES, OPENAI_RESPONSES})
 
+#: The timers of one upstream attempt (the others run for the whole request).
+_ATTEMPT_TIMERS = ("read", "idle", "first_token", "commit")
+
+#: The status a stream failing before its first content counts as.
+_HELD_FAILURE_STATUS = 502
+
+
+class _Attempt:
+    """
+    One upstream attempt of an exchange.
+
+    @ivar status: the upstream's status (L{None} until it answered, or if
+        it never did; 502 for a held stream that failed before content).
+    @ivar ended: when it failed (L{None} for the attempt that answers).
+    """
+
+    __slots__ = ("instance", "started", "status", "ended")
+
+    def __init__(self, instance: Instance, started: float) -> None:
+        self.instance = instance
+        self.started = started
+        self.status: int | None = None
+        self.ended: float | None = None
+
+
+def _ignore(*args: object) -> None:
+    """
+    A detached body receiver's callbacks.
+    """
+
 
 class _BodyReceiver(Protocol):
     """
@@ -100,6 +140,20 @@ class _BodyReceiver(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._on_end(reason)
+
+    def attach(self, on_chunk: Any, on_end: Any) -> None:
+        """
+        Send the rest of the body to C{on_chunk} and its end to C{on_end}.
+        """
+        self.dataReceived = on_chunk  # type: ignore[method-assign]
+        self._on_end = on_end
+
+    def detach(self) -> None:
+        """
+        Ignore whatever else this body does (its attempt was given up).
+        """
+        self.attach(_ignore, _ignore)
+        self._on_start = _ignore
 
 
 @implementer(IPushProducer)
@@ -147,7 +201,9 @@ def _ms(seconds: float) -> int:
 
 class Exchange:
     """
-    One client request proxied to the route's upstream.
+    One client request proxied to the route's upstream instances.
+
+    @ivar attempts: the upstream attempts so far, in order.
     """
 
     def __init__(
@@ -161,16 +217,38 @@ class Exchange:
         self.request = request
         self.clock = clock
         self.monitor = monitor
-        #: When the upstream request was sent, and the status it answered.
+        #: When the current attempt's request was sent, and the status it
+        #: answered; when the first attempt was sent.
         self.upstream_started_at: float | None = None
         self.upstream_status: int | None = None
+        self.first_sent_at: float | None = None
         #: Timed only when the monitor wants chunk timings (metrics on): the
         #: first upstream chunk, and the first body bytes to the client.
         self.first_chunk_at: float | None = None
         self.first_output_at: float | None = None
         self._observe_gap: Callable[[float], None] | None = None
         self.conf = route.conf
-        self.context = ExchangeContext(route.id, route.target.name, clock.seconds())
+        self.context = ExchangeContext(route.id, route.instance_name, clock.seconds())
+        self.attempts: list[_Attempt] = []
+        #: The attempt in progress (L{None} between two).
+        self._attempt: _Attempt | None = None
+        self._selection: Any = None
+        self._retries = 0
+        #: Every instance the request could go to was tried.
+        self._exhausted = False
+        #: The client's request, checked once for every attempt.
+        self._protocol = PASSTHROUGH
+        self._body: dict[str, Any] = {}
+        self._raw = b""
+        self._query = ""
+        self._client_stream = False
+        self._receiver: _BodyReceiver | None = None
+        #: Upstream chunks held back by C{stream_commit_ms} (L{None}: not
+        #: holding), their size, and the decoder looking for content.
+        self._held: list[bytes] | None = None
+        self._held_size = 0
+        self._held_decoder: SSEDecoder | None = None
+        self._stream_reported = False
         self._upstream_d: Any = None
         self._body_transport: Any = None
         self._pacer: _Pacer | None = None
@@ -213,36 +291,34 @@ class Exchange:
         if self.monitor is not None:
             self.monitor.exchange_started(self)
         try:
-            upstream = self._prepare()
+            if not self._prepare():
+                return
+            self._arm_duration_limit()
+            instance = self._selection.next()
+            if instance is None:
+                # Every instance serving the protocol is out of use (weight
+                # 0 beside others): APISIX's "all servers tried".
+                self._respond_error(503, "no AI instance available")
+                return
+            self._try(instance)
         except ClientError as e:
             self._respond_error(e.status, e.message)
-            return
         except Exception:
             # A request filter (or a bug) failed: a JSON 500 and a true record.
             self._bug(Failure())
-            return
-        if upstream is None:
-            return
-        method, url, headers, body = upstream
-        self._arm_duration_limit()
-        self._arm_waiting_timers()
-        self.upstream_started_at = self.clock.seconds()
-        self._upstream_d = self.route.client.request(method, url, headers, body)
-        self._upstream_d.addCallbacks(self._got_response, self._upstream_failed)
-        self._upstream_d.addErrback(self._bug)
 
-    def _prepare(self) -> tuple[str, str, Any, bytes] | None:
+    def _prepare(self) -> bool:
         """
-        Check and transform the client's request.
+        Check the client's request and run the request filters, once for
+        every attempt.
 
-        @return: method, URL, headers and body for upstream, or L{None} when
-            a request filter already answered.
+        @return: whether to go upstream (not when a request filter already
+            answered).
         @raise ClientError: when the client's request is refused.
         """
         request = self.request
         context = self.context
         route = self.route
-        target = route.target
         raw = request.content.read() if request.content is not None else b""
         context.bytes_in = len(raw)
         if len(raw) > self.conf["max_req_body_size"]:
@@ -250,47 +326,240 @@ class Exchange:
         check_content_type(request.getHeader(b"content-type"))
         body = parse_body(raw)
         protocol = detect(context.path, body)
-        if not target.provider.serves(protocol):
-            raise ClientError(
-                400, f"{protocol} requests are not supported by provider {target.provider.name}"
-            )
-        context.provider = target.provider.name
+        serving = [i for i in route.instances if i.target.provider.serves(protocol)]
+        if not serving:
+            providers = ", ".join(dict.fromkeys(i.target.provider.name for i in route.instances))
+            raise ClientError(400, f"{protocol} requests are not supported by provider {providers}")
+        if len(route.instances) == 1:
+            context.provider = serving[0].target.provider.name
         context.protocol = protocol
         context.body = body
-        context.stream = body.get("stream") is True
+        context.stream = self._client_stream = body.get("stream") is True
         model = body.get("model")
         context.request_llm_model = model if isinstance(model, str) else None
         for request_filter in route.request_filters:
             result = request_filter.filter_request(context)
             if isinstance(result, Reject):
                 self._respond_json(result.status, result.body)
-                return None
-        body = context.body
+                return False
+        self._protocol = protocol
+        self._body = context.body
+        self._raw = raw
+        self._query = request.uri.partition(b"?")[2].decode("latin-1")
+        self._selection = route.selection(request, protocol)
+        return True
+
+    def _try(self, instance: Instance) -> None:
+        """
+        Send the request to C{instance}: a fresh upstream request from the
+        checked body, with the instance's URL, credentials and body changes.
+        """
+        context = self.context
+        target = instance.target
+        protocol = self._protocol
+        body = self._body
+        if len(self.route.instances) > 1:
+            # Each instance changes the body its own way (options, model).
+            body = copy.deepcopy(body)
+        context.instance = instance.name
+        context.provider = target.provider.name
         changed = apply_body_overrides(body, protocol, target) or context.body_changed
+        context.body = body
         model = body.get("model")
         if isinstance(model, str):
             context.llm_model = model
+        raw = self._raw
         if changed:
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        query = request.uri.partition(b"?")[2].decode("latin-1")
-        url = route.upstream_url(protocol, context.path, query)
-        headers = upstream_headers(request.requestHeaders.getAllRawHeaders(), self.conf["auth"])
+        url = instance.upstream_url(protocol, context.path, self._query)
+        headers = upstream_headers(
+            self.request.requestHeaders.getAllRawHeaders(), target.conf["auth"]
+        )
         method = context.method if protocol == PASSTHROUGH else "POST"
-        return method, url, headers, raw
+        now = self.clock.seconds()
+        attempt = self._attempt = _Attempt(instance, now)
+        self.attempts.append(attempt)
+        if self.first_sent_at is None:
+            self.first_sent_at = now
+        self.upstream_started_at = now
+        self._arm_waiting_timers()
+        d = self._upstream_d = instance.client.request(method, url, headers, raw)
+        d.addCallbacks(
+            self._got_response,
+            self._upstream_failed,
+            callbackArgs=(attempt,),
+            errbackArgs=(attempt,),
+        )
+        d.addErrback(self._bug)
+
+    # -- falling back -----------------------------------------------------
+
+    def _next_instance(self, status: int) -> Instance | None:
+        """
+        The instance to fall back to now that the current attempt failed
+        with C{status} (APISIX's C{retry_on_error}), or L{None}: nothing was
+        sent to the client yet, the route has several instances, the
+        fallback policy allows C{status}, the attempt failed within
+        C{retry_on_failure_within_ms}, C{max_retries} is not reached, and an
+        instance is left (if not, L{_exhausted} is set).
+        """
+        route = self.route
+        attempt = self._attempt
+        if (
+            self._ended
+            or attempt is None
+            or self.context.output_started
+            or len(route.instances) < 2
+            or not route.fallback.allows(status)
+        ):
+            return None
+        policy = route.fallback
+        elapsed = _ms(self.clock.seconds() - attempt.started)
+        if policy.within_ms is not None and elapsed > policy.within_ms:
+            log.warn(
+                "ai instance {instance} failed after {elapsed}ms, exceeding "
+                "retry_on_failure_within_ms {limit}, not retrying",
+                instance=attempt.instance.name,
+                elapsed=elapsed,
+                limit=policy.within_ms,
+            )
+            return None
+        if policy.max_retries is not None:
+            self._retries += 1
+            if self._retries > policy.max_retries:
+                log.warn(
+                    "reached max_retries {max_retries}, not retrying",
+                    max_retries=policy.max_retries,
+                )
+                return None
+        instance = self._selection.next()
+        if instance is None:
+            self._exhausted = True
+            log.warn(
+                "ai instance {instance} returned status {status}; no instance left to fall back to",
+                instance=attempt.instance.name,
+                status=status,
+            )
+            return None
+        log.warn(
+            "ai instance {instance} returned status {status}, falling back to {next_instance}",
+            instance=attempt.instance.name,
+            status=status,
+            next_instance=instance.name,
+        )
+        return instance
+
+    def _fall_back(self, status: int) -> bool:
+        """
+        Try the request on another instance if the failure of the current
+        attempt with C{status} allows it.
+
+        @return: whether a new attempt started.
+        """
+        instance = self._next_instance(status)
+        if instance is None:
+            return False
+        self._switch_to(instance)
+        return True
+
+    def _switch_to(self, instance: Instance) -> None:
+        """
+        Give the current attempt up (its connection is closed, never
+        pooled) and send the request to C{instance}.
+        """
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.ended = self.clock.seconds()
+        self._abort_attempt()
+        self._reset_attempt()
+        try:
+            self._try(instance)
+        except Exception:
+            self._bug(Failure())
+
+    def _abort_attempt(self) -> None:
+        """
+        Stop the current attempt's upstream transfer in whatever phase it
+        is, without ending the exchange.
+        """
+        self._attempt = None
+        for name in _ATTEMPT_TIMERS:
+            self._cancel_timer(name)
+        if self._receiver is not None:
+            self._receiver.detach()
+            self._receiver = None
+        if self._upstream_d is not None:
+            d, self._upstream_d = self._upstream_d, None
+            d.cancel()
+        if self._body_transport is not None:
+            transport, self._body_transport = self._body_transport, None
+            transport.stopProducing()
+        if self._pacer is not None:
+            self._pacer = None
+            self.request.unregisterProducer()
+
+    def _reset_attempt(self) -> None:
+        """
+        Forget what the given-up attempt received.
+        """
+        self._response_status = 200
+        self._response_headers = []
+        self._stream = False
+        self._received = 0
+        self._body_parts = []
+        self._decoder = None
+        self._observer = None
+        if self._writer is not None:
+            self._writer.discard()
+            self._writer = None
+        self._awaiting_data = True
+        self._idle_counts_all = bool(self.conf.get("stream_idle_timeout_counts_comments"))
+        self._held = None
+        self._held_size = 0
+        self._held_decoder = None
+        self.upstream_status = None
+        self.first_chunk_at = None
+        self.context.stream = self._client_stream
+        self.context.reset_response()
+
+    def _upstream_error(self, reason: str, status: int, message: str) -> None:
+        """
+        The current attempt failed (before or after output): fall back to
+        another instance if allowed, else end the response as L{_cut} does
+        (with 502 when every instance failed).
+        """
+        if self._ended:
+            return
+        if self._fall_back(status):
+            return
+        self._cut(reason, 502 if self._exhausted else status, message)
 
     # -- upstream answer ------------------------------------------------
 
-    def _got_response(self, response: Any) -> None:
+    def _got_response(self, response: Any, attempt: _Attempt) -> None:
         """
-        The upstream's status and headers arrived: relay the body.
+        The upstream's status and headers arrived: fall back on a status
+        that allows it, else relay the body.
         """
+        if attempt is not self._attempt:
+            response.deliverBody(_Discard())
+            return
         self._upstream_d = None
         context = self.context
         context.upstream_response_time_ms = _ms(self.clock.seconds() - context.started)
         if self._ended:
             response.deliverBody(_Discard())
             return
-        self._response_status = self.upstream_status = response.code
+        attempt.status = self.upstream_status = response.code
+        if response.code >= 400:
+            instance = self._next_instance(response.code)
+            if instance is not None:
+                # The error body is not read: the connection is closed.
+                response.deliverBody(_Discard())
+                self._switch_to(instance)
+                return
+        # Every instance failed: 502 with the last one's error body.
+        self._response_status = 502 if self._exhausted else response.code
         content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
         relayed = [(b"content-type", [content_type])] if content_type else []
         for name, values in response.headers.getAllRawHeaders():
@@ -314,6 +583,7 @@ class Exchange:
             (b"cache-control", [b"no-cache"]),
             (b"x-accel-buffering", [b"no"]),
         ]
+        hold = False
         if content_type.lower().startswith(b"application/vnd.amazon.eventstream"):
             self._decoder = EventStreamDecoder()
             self._observer = NULL_OBSERVER
@@ -322,22 +592,177 @@ class Exchange:
         else:
             self._decoder = SSEDecoder()
             self._observer = observer_for(context.protocol or PASSTHROUGH)
-        self._chain = open_chain(self.route.body_filters, context)
-        context.wants_text = self._chain is not None or bool(
-            (self.conf.get("logging") or {}).get("payloads")
-        )
+            hold = self._may_hold()
+        if not hold:
+            self._open_chain()
         self._writer = make_writer(self._send, self.clock, self.conf["streaming_flush_interval_ms"])
         self._arm_duration_limit()
-        if self.monitor is not None:
+        if self.monitor is not None and not self._stream_reported:
+            self._stream_reported = True
             self._observe_gap = self.monitor.stream_started(self)
             if self._observe_gap is not None:
                 # Chunk timings wanted: the body receiver built below gets
                 # the timing wrapper (this instance attribute shadows the
                 # method); without metrics the hot path is untouched.
                 self._stream_chunk = self._timed_chunk  # type: ignore[method-assign]
-        response.deliverBody(
-            _BodyReceiver(self._body_started, self._stream_chunk, self._guarded(self._stream_ended))
+        if hold:
+            self._held = []
+            self._held_size = 0
+            self._held_decoder = SSEDecoder()
+            receiver = _BodyReceiver(
+                self._body_started, self._hold_chunk, self._guarded(self._held_ended)
+            )
+            commit_ms = self.route.fallback.commit_ms
+            assert commit_ms is not None
+            self._arm("commit", commit_ms / 1000.0, self._release)
+        else:
+            receiver = _BodyReceiver(
+                self._body_started, self._stream_chunk, self._guarded(self._stream_ended)
+            )
+        self._receiver = receiver
+        response.deliverBody(receiver)
+
+    def _open_chain(self) -> None:
+        """
+        Start the body filters on the response that reaches the client.
+        """
+        context = self.context
+        self._chain = open_chain(self.route.body_filters, context)
+        context.wants_text = self._chain is not None or bool(
+            (self.conf.get("logging") or {}).get("payloads")
         )
+
+    # -- stream_commit_ms ---------------------------------------------------
+
+    def _may_hold(self) -> bool:
+        """
+        Whether to hold this stream until its first content: the route has
+        C{stream_commit_ms} and a failure before content could still fall
+        back (several instances, 5xx allowed, retries left, nothing sent).
+        """
+        route = self.route
+        policy = route.fallback
+        return (
+            policy.commit_ms is not None
+            and len(route.instances) > 1
+            and policy.allows(_HELD_FAILURE_STATUS)
+            and (policy.max_retries is None or self._retries < policy.max_retries)
+            and not self.context.output_started
+        )
+
+    def _hold_chunk(self, data: bytes) -> None:
+        """
+        A chunk of a held stream: kept back, and looked at for the first
+        content event (release) or an in-band error (fall back).
+        """
+        if self._ended or self._held is None:
+            return
+        try:
+            context = self.context
+            now = self.clock.seconds()
+            if self._observe_gap is not None:
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = now
+                else:
+                    self._observe_gap(now - self._last_chunk)
+            self._last_chunk = now
+            if context.ttft_ms is None:
+                context.ttft_ms = _ms(now - context.started)
+                self._cancel_timer("keepalive")
+            self._held_size += len(data)
+            limit = self._max_bytes
+            if limit is not None and self._held_size > limit:
+                self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
+                return
+            self._held.append(data)
+            decoder = self._held_decoder
+            assert decoder is not None
+            carried = decoder.pending
+            events = decoder.feed(data)
+            if events or carried or decoder.pending or self._idle_counts_all:
+                self._last_data = now
+            if events and self._awaiting_data:
+                self._first_data()
+            protocol = context.protocol or PASSTHROUGH
+            for event in events:
+                signal = stream_signal(protocol, event)
+                if signal == STREAM_CONTENT:
+                    self._release()
+                    return
+                if signal == STREAM_ERROR:
+                    self._held_failed(event.data, None)
+                    return
+        except Exception:
+            log.failure("holding a stream chunk failed")
+            self._cut("internal_error", 502, "internal error while relaying the response")
+
+    def _release(self) -> None:
+        """
+        Stop holding the stream (its first content came, or
+        C{stream_commit_ms} is over): relay what was held, then the rest as
+        usual.
+        """
+        held = self._held
+        if held is None or self._ended:
+            return
+        self._held = None
+        self._held_decoder = None
+        self._cancel_timer("commit")
+        if self._receiver is not None:
+            self._receiver.attach(self._stream_chunk, self._guarded(self._stream_ended))
+        self._open_chain()
+        for chunk in held:
+            Exchange._stream_chunk(self, chunk)
+            if self._ended:
+                return
+        if (
+            self._observe_gap is not None
+            and self.first_output_at is None
+            and self.context.bytes_out
+        ):
+            self.first_output_at = self.clock.seconds()
+
+    def _held_ended(self, reason: Failure) -> None:
+        """
+        A held stream ended before its first content.
+        """
+        if self._ended:
+            return
+        self._body_transport = None
+        if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+            log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
+            self._upstream_error(
+                "upstream_error",
+                502,
+                "upstream closed the connection before the response was complete",
+            )
+            return
+        self._held_failed(None, reason)
+
+    def _held_failed(self, error: bytes | None, ended: Failure | None) -> None:
+        """
+        A held stream failed before content: an in-band C{error} event, or
+        its end (C{ended}). Fall back if allowed; when every instance
+        failed, answer 502 with the error; else relay the stream as it came.
+        """
+        attempt = self._attempt
+        assert attempt is not None
+        instance = self._next_instance(_HELD_FAILURE_STATUS)
+        if instance is not None or self._exhausted:
+            attempt.status = _HELD_FAILURE_STATUS
+        if instance is not None:
+            self._switch_to(instance)
+            return
+        if self._exhausted:
+            self.context.abort_reason = "upstream_error"
+            self._stop_upstream()
+            self._response_status = 502
+            self._response_headers = [(b"content-type", [b"application/json"])]
+            self._finish_whole(_held_error_body(error))
+            return
+        self._release()
+        if ended is not None and not self._ended:
+            self._stream_ended(ended)
 
     def _start_buffered(self, response: Any) -> None:
         """
@@ -417,7 +842,7 @@ class Exchange:
         self._body_transport = None
         if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream response body failed: {error}", error=reason.getErrorMessage())
-            self._cut(
+            self._upstream_error(
                 "upstream_error",
                 502,
                 "upstream closed the connection before the response was complete",
@@ -516,7 +941,7 @@ class Exchange:
         ended = reason.value
         if not isinstance(ended, (ResponseDone, PotentialDataLoss)):
             log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
-            self._cut(
+            self._upstream_error(
                 "upstream_error",
                 502,
                 "upstream closed the connection before the response was complete",
@@ -524,10 +949,10 @@ class Exchange:
             return
         if self._received == 0:
             # Also after keep-alive comments: never a clean end without content.
-            self._cut("upstream_error", 502, "upstream returned an empty stream")
+            self._upstream_error("upstream_error", 502, "upstream returned an empty stream")
             return
         if not context.done and context.protocol in _TERMINATED_PROTOCOLS:
-            self._cut(
+            self._upstream_error(
                 "upstream_incomplete",
                 502,
                 "upstream ended the stream without its end-of-stream event",
@@ -755,19 +1180,17 @@ class Exchange:
         access record.
         """
         now = self.clock.seconds()
-        sent = self.upstream_started_at
         context = self.context
-        record["attempts"] = (
-            []
-            if sent is None
-            else [
-                {
-                    "instance": context.instance,
-                    "status": self.upstream_status,
-                    "duration_ms": _ms(now - sent),
-                }
-            ]
-        )
+        record["attempts"] = [
+            {
+                "instance": attempt.instance.name,
+                "status": attempt.status,
+                "duration_ms": _ms(
+                    (now if attempt.ended is None else attempt.ended) - attempt.started
+                ),
+            }
+            for attempt in self.attempts
+        ]
         logging = self.conf.get("logging")
         if logging:
             record.update(llm_logging_fields(context, logging, _ms(now - context.started)))
@@ -805,10 +1228,12 @@ class Exchange:
 
     # -- upstream failures and timers -------------------------------------
 
-    def _upstream_failed(self, failure: Failure) -> None:
+    def _upstream_failed(self, failure: Failure, attempt: _Attempt) -> None:
         """
         No response from upstream: connect, send or header phase failed.
         """
+        if attempt is not self._attempt:
+            return
         self._upstream_d = None
         if self._ended:
             return
@@ -817,18 +1242,20 @@ class Exchange:
             failure
         ):
             log.warn("upstream request timed out")
-            self._cut("timeout", 504, "upstream timed out")
+            self._upstream_error("timeout", 504, "upstream timed out")
         elif failure.check(DNSLookupError, ConnectError):
             log.warn("connecting upstream failed: {error}", error=failure.getErrorMessage())
-            self._cut(
+            self._upstream_error(
                 "upstream_error", 502, f"failed to connect to upstream: {failure.getErrorMessage()}"
             )
         elif (tls := _tls_failure(failure)) is not None:
             log.warn("TLS with upstream failed: {error}", error=tls)
-            self._cut("upstream_error", 502, f"TLS with upstream failed: {tls}")
+            self._upstream_error("upstream_error", 502, f"TLS with upstream failed: {tls}")
         else:
             log.warn("upstream request failed: {error}", error=_describe(failure))
-            self._cut("upstream_error", 502, "upstream closed the connection without a response")
+            self._upstream_error(
+                "upstream_error", 502, "upstream closed the connection without a response"
+            )
 
     def _bug(self, failure: Failure) -> None:
         """
@@ -845,6 +1272,13 @@ class Exchange:
         if timer is not None and timer.active():
             timer.cancel()
         self._timers[name] = self.clock.callLater(delay, call)
+
+    def _timer_active(self, name: str) -> bool:
+        """
+        Whether the timer C{name} is running.
+        """
+        timer = self._timers.get(name)
+        return timer is not None and timer.active()
 
     def _cancel_timer(self, name: str) -> None:
         """
@@ -910,29 +1344,31 @@ class Exchange:
             if quiet < timeout:
                 self._arm(name, timeout - quiet, check)
                 return
-            self._cut(reason, 504, message)
+            self._upstream_error(reason, 504, message)
 
         self._arm(name, timeout, check)
 
     def _arm_waiting_timers(self) -> None:
         """
-        While no event has come from upstream: C{first_token_timeout_ms}
-        ends the wait; and until the upstream's first body byte,
+        While no event has come from the attempt's upstream:
+        C{first_token_timeout_ms} ends the wait (from the attempt's start);
+        and until an upstream's first body byte,
         C{keepalive_comment_interval_ms} sends C{:} SSE comments to a
         streaming client so idle-timeout hops keep the connection (they
-        commit a 200 event-stream response).
+        commit a 200 event-stream response, so no fallback follows them).
         """
         first_token = self.conf.get("first_token_timeout_ms")
         if first_token is not None:
             self._arm(
                 "first_token",
                 first_token / 1000.0,
-                lambda: self._cut("first_token_timeout_ms", 504, "first_token_timeout_ms exceeded"),
+                lambda: self._upstream_error(
+                    "first_token_timeout_ms", 504, "first_token_timeout_ms exceeded"
+                ),
             )
-        if self.conf.get("keepalive_comment_interval_ms") is not None and self.context.stream:
-            self._arm(
-                "keepalive", self.conf["keepalive_comment_interval_ms"] / 1000.0, self._keepalive
-            )
+        interval = self.conf.get("keepalive_comment_interval_ms")
+        if interval is not None and self.context.stream and not self._timer_active("keepalive"):
+            self._arm("keepalive", interval / 1000.0, self._keepalive)
 
     def _keepalive(self) -> None:
         """
@@ -984,6 +1420,23 @@ def llm_logging_fields(context: ExchangeContext, logging: Any, duration_ms: int)
 
 #: The request body keys C{logging.payloads} records.
 _LOGGED_REQUEST_KEYS = ("model", "system", "messages", "input", "prompt", "stream")
+
+
+def _held_error_body(error: bytes | None) -> bytes:
+    """
+    The body of the 502 a held stream gets when every instance failed: its
+    in-band error event's data when that is JSON, else a JSON message.
+    """
+    if error is not None:
+        try:
+            json.loads(error)
+        except ValueError:
+            message = f"upstream stream failed: {error.decode('utf-8', 'replace')}"
+        else:
+            return error
+    else:
+        message = "upstream ended the stream before any content"
+    return json.dumps({"message": message}).encode("utf-8")
 
 
 def _upstream_error_message(status: int, body: bytes) -> str:

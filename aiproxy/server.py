@@ -111,7 +111,7 @@ def _rejection_record(
     if route is None:
         context = ExchangeContext(None, None, 0.0)  # type: ignore[arg-type]
     else:
-        context = ExchangeContext(route.id, route.target.name, 0.0)
+        context = ExchangeContext(route.id, route.instance_name, 0.0)
     context.method = method.decode("latin-1")
     context.path = path.partition(b"?")[0].decode("latin-1")
     context.status = status

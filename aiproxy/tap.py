@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from aiproxy import __version__
 from aiproxy.config import Config, ConfigError, load_config
+from aiproxy.health import HealthService
 from aiproxy.lifecycle import DrainService, ExchangeMonitor, ReloadService
 from aiproxy.logs import text_observer
 from aiproxy.routes import RouteTable, build_routes
@@ -118,9 +119,10 @@ def _problems(path: str, error: ConfigError) -> str:
 class GatewayService(MultiService):
     """
     The whole gateway: listeners over one L{GatewayResource}, the metrics
-    listener (with C{metrics_listen}), the reload (with a config path) and
-    the drain; on stop the listeners stop, the drain waits for the requests
-    in flight, then the routes' upstream pools are closed.
+    listener (with C{metrics_listen}), the health checks of the routes in
+    force, the reload (with a config path) and the drain; on stop the
+    listeners stop, the drain waits for the requests in flight, then the
+    routes' upstream pools are closed.
 
     @ivar monitor: the L{ExchangeMonitor} every exchange reports to.
     @ivar metrics: the L{aiproxy.metrics.Metrics}, or L{None}.
@@ -164,6 +166,8 @@ class GatewayService(MultiService):
             install_signal=install_signals,
         )
         self.drain.setServiceParent(self)
+        self.health = HealthService(table.checkers)
+        self.health.setServiceParent(self)
         for endpoint in listen or config.listen:
             listener = StreamServerEndpointService(
                 serverFromString(reactor, with_backlog(endpoint)), self.site
@@ -193,9 +197,11 @@ class GatewayService(MultiService):
 
     def _reloaded(self, config: Config) -> None:
         """
-        A new config is in force: apply C{shutdown_grace_s}, and say which
-        changes need a restart.
+        A new config is in force: its routes' health checks replace the old
+        ones', C{shutdown_grace_s} applies, and changes that need a restart
+        are logged.
         """
+        self.health.use(self.resource.table.checkers)
         self.drain.grace_s = config.shutdown_grace_s
         if config.listen != self.config.listen and not self._listen_override:
             log.warn("listen changed in the config: restart aiproxy to apply it")

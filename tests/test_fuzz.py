@@ -532,7 +532,8 @@ class ExchangeHarness:
         A new site, clock and client connection.
         """
         for route in self.table.routes:
-            route.client = FakeUpstreamClient()  # type: ignore[assignment]
+            for instance in route.instances:
+                instance.client = FakeUpstreamClient()  # type: ignore[assignment]
         self.events.clear()
         self.clock = Clock()
         self.site = GatewaySite(
@@ -543,7 +544,12 @@ class ExchangeHarness:
         self.channel.makeConnection(self.transport)
 
     def calls(self) -> list[Any]:
-        return [call for route in self.table.routes for call in route.client.calls]  # type: ignore[attr-defined]
+        return [
+            call
+            for route in self.table.routes
+            for instance in route.instances
+            for call in instance.client.calls  # type: ignore[attr-defined]
+        ]
 
     def failures(self) -> list[dict[str, Any]]:
         """

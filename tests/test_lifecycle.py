@@ -65,10 +65,11 @@ class ClosingClient(FakeUpstreamClient):
 
 def with_closing_clients(table: RouteTable) -> RouteTable:
     """
-    C{table} with every route's client a L{ClosingClient}.
+    C{table} with every instance's client a L{ClosingClient}.
     """
     for route in table.routes:
-        route.client = ClosingClient()  # type: ignore[assignment]
+        for instance in route.instances:
+            instance.client = ClosingClient()  # type: ignore[assignment]
     return table
 
 
@@ -234,7 +235,7 @@ class RetireTests(SynchronousTestCase):
         table = with_closing_clients(make_table())
         monitor = ExchangeMonitor(Clock())
         monitor.retire(table)
-        self.assertEqual(table.routes[0].client.closed, 1)  # type: ignore[attr-defined]
+        self.assertEqual(table.routes[0].instances[0].client.closed, 1)  # type: ignore[attr-defined]
         self.assertEqual(monitor.retired_tables, [])
 
     def test_after_last_exchange(self) -> None:
@@ -245,16 +246,16 @@ class RetireTests(SynchronousTestCase):
         table = with_closing_clients(make_table())
         gateway, monitor = monitored(self, table)
         gateway.send(CHAT_STREAM)
-        call = table.routes[0].client.last  # type: ignore[attr-defined]
+        call = table.routes[0].instances[0].client.last  # type: ignore[attr-defined]
         gateway.resource.set_table(with_closing_clients(make_table()))
         monitor.retire(table)
-        self.assertEqual(table.routes[0].client.closed, 0)  # type: ignore[attr-defined]
+        self.assertEqual(table.routes[0].instances[0].client.closed, 0)  # type: ignore[attr-defined]
         self.assertEqual(monitor.retired_tables, [table])
         upstream = gateway.answer(stream_response())
-        self.assertIs(table.routes[0].client.last, call)  # type: ignore[attr-defined]
+        self.assertIs(table.routes[0].instances[0].client.last, call)  # type: ignore[attr-defined]
         upstream.data(delta("a"), DONE)
         upstream.end()
-        self.assertEqual(table.routes[0].client.closed, 1)  # type: ignore[attr-defined]
+        self.assertEqual(table.routes[0].instances[0].client.closed, 1)  # type: ignore[attr-defined]
         self.assertEqual(monitor.retired_tables, [])
         self.successResultOf(monitor.wait_closed())
 
@@ -369,13 +370,13 @@ class ReloadTests(SynchronousTestCase):
         response = gateway.response()
         self.assertTrue(response.complete)
         self.assertEqual(response.chunks, [delta("Hel"), delta("lo"), DONE])
-        self.assertEqual(self.table.routes[0].client.closed, 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.table.routes[0].instances[0].client.closed, 1)  # type: ignore[attr-defined]
         gateway.connect()
         gateway.send(CHAT)
         self.assertEqual(gateway.response().status, 404)
         gateway.connect()
         gateway.send(CHAT, path=b"/v2/chat/completions")
-        new_client = gateway.resource.table.routes[0].client
+        new_client = gateway.resource.table.routes[0].instances[0].client
         self.assertEqual(len(new_client.calls), 1)  # type: ignore[attr-defined]
 
     def test_invalid(self) -> None:
@@ -401,7 +402,7 @@ class ReloadTests(SynchronousTestCase):
                 "routes[0].plugins.ai-proxy.streaming_flush_interval_ms: -1 is less than the minimum of 0"
             ],
         )
-        self.assertEqual(self.table.routes[0].client.closed, 0)  # type: ignore[attr-defined]
+        self.assertEqual(self.table.routes[0].instances[0].client.closed, 0)  # type: ignore[attr-defined]
 
     def test_unreadable(self) -> None:
         """
@@ -719,5 +720,5 @@ class GatewayServiceTests(SynchronousTestCase):
         service = GatewayService(config, table, reactor, ["tcp:0"])
         service.startService()
         self.successResultOf(service.stopService())
-        self.assertEqual(table.routes[0].client.closed, 1)  # type: ignore[attr-defined]
+        self.assertEqual(table.routes[0].instances[0].client.closed, 1)  # type: ignore[attr-defined]
         self.assertTrue(service.drain.draining)

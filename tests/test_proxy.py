@@ -262,7 +262,8 @@ def make_table(
     config = parse_config(json.dumps(document), environ={}, plugin_schemas=schemas)
     table = build_routes(config, MemoryReactorClock(), plugins=available)
     for route in table.routes:
-        route.client = FakeUpstreamClient()  # type: ignore[assignment]
+        for instance in route.instances:
+            instance.client = FakeUpstreamClient()  # type: ignore[assignment]
     return table
 
 
@@ -394,7 +395,7 @@ class Gateway:
 
     @property
     def client(self) -> FakeUpstreamClient:
-        return self.table.routes[0].client  # type: ignore[return-value]
+        return self.table.routes[0].instances[0].client  # type: ignore[return-value]
 
     @property
     def upstream(self) -> UpstreamCall:

@@ -295,9 +295,11 @@ class BuildRoutesTests(SynchronousTestCase):
         self.assertIsInstance(route, Route)
         self.assertEqual((route.id, route.uris, route.methods), ("chat", ("/a",), ("POST",)))
         self.assertEqual(route.conf["timeout"], 5)
-        self.assertEqual(route.target.name, "ai-proxy-openai")
-        self.assertEqual(route.target.provider.name, "openai")
-        self.assertIs(route.target.conf, route.conf)
+        [instance] = route.instances
+        self.assertEqual(instance.name, "ai-proxy-openai")
+        self.assertEqual(instance.target.name, "ai-proxy-openai")
+        self.assertEqual(instance.target.provider.name, "openai")
+        self.assertIs(instance.target.conf, route.conf)
         self.assertEqual((route.request_filters, route.body_filters), ([], []))
 
     def test_unsupported_provider(self) -> None:
@@ -382,22 +384,23 @@ class BuildRoutesTests(SynchronousTestCase):
 
     def test_upstream_url(self) -> None:
         """
-        A route's upstream URL follows L{aiproxy.request.upstream_url}: the
-        same URL whatever the client's path and query, except for
+        An instance's upstream URL follows L{aiproxy.request.upstream_url}:
+        the same URL whatever the client's path and query, except for
         passthrough, which keeps them.
         """
         [route] = self.build(route_doc("/v1/*", proxy={"auth": {"query": {"key": "k"}}})).routes
+        [instance] = route.instances
         for path, query in (("/v1/chat/completions", "a=1"), ("/v1/other", "")):
             self.assertEqual(
-                route.upstream_url(OPENAI_CHAT, path, query),
+                instance.upstream_url(OPENAI_CHAT, path, query),
                 "https://api.openai.com/v1/chat/completions?key=k",
             )
         self.assertEqual(
-            route.upstream_url(PASSTHROUGH, "/v1/models", "limit=2"),
+            instance.upstream_url(PASSTHROUGH, "/v1/models", "limit=2"),
             "https://api.openai.com/v1/models?limit=2&key=k",
         )
         self.assertEqual(
-            route.upstream_url(PASSTHROUGH, "/v1/files", ""),
+            instance.upstream_url(PASSTHROUGH, "/v1/files", ""),
             "https://api.openai.com/v1/files?key=k",
         )
 

@@ -211,10 +211,10 @@ class RoutingTests(SynchronousTestCase):
             (b"/v1/deep/x/y", b"POST", "deeper"),
             (b"/v1/chat/completions", b"PUT", "prefix"),
         ]:
-            before = {r.id: len(r.client.calls) for r in table.routes}  # type: ignore[attr-defined]
+            before = {r.id: len(r.instances[0].client.calls) for r in table.routes}  # type: ignore[attr-defined]
             gateway.connect()
             gateway.send(path=path, method=method)
-            after = {r.id: len(r.client.calls) for r in table.routes}  # type: ignore[attr-defined]
+            after = {r.id: len(r.instances[0].client.calls) for r in table.routes}  # type: ignore[attr-defined]
             self.assertEqual([rid for rid in after if after[rid] != before[rid]], [expected], path)
 
     def test_method_not_allowed(self) -> None:
@@ -241,8 +241,10 @@ class RoutingTests(SynchronousTestCase):
         gateway.resource.set_table(new)
         gateway.connect()
         gateway.send()
-        self.assertEqual(new.routes[0].client.last.url, "http://new.test/v1/chat/completions")  # type: ignore[attr-defined]
-        self.assertEqual(len(old.routes[0].client.calls), 1)  # type: ignore[attr-defined]
+        new_client: Any = new.routes[0].instances[0].client
+        old_client: Any = old.routes[0].instances[0].client
+        self.assertEqual(new_client.last.url, "http://new.test/v1/chat/completions")
+        self.assertEqual(len(old_client.calls), 1)
         response = stream_response()
         in_flight.deferred.callback(response)
         response.data(delta("old"))
