@@ -134,7 +134,12 @@ class HTTPProbe:
                 return int(response.code)
 
             d = d.addCallback(answered)
-        d.addTimeout(target.timeout, reactor)
+
+        def timed_out(result: object, timeout: float) -> None:
+            # Whatever the cancellation became (ConnectingCancelledError...).
+            raise TimeoutError(f"no answer within {timeout} s")
+
+        d.addTimeout(target.timeout, reactor, onTimeoutCancel=timed_out)
         return cast("Deferred[int | None]", d)
 
 

@@ -103,6 +103,13 @@ class Metrics:
             ["route", "instance", "status", "request_type"],
             registry=registry,
         )
+        self.attempts = Counter(
+            "aiproxy_upstream_attempts",
+            "Upstream attempts, by route, instance and the upstream's status (empty when no "
+            "answer came); a request that fell back to another instance has several.",
+            ["route", "instance", "status"],
+            registry=registry,
+        )
         self.request_duration = Histogram(
             "aiproxy_request_duration_seconds",
             "Time from the request's arrival to the end of its response.",
@@ -256,6 +263,12 @@ class Metrics:
             status=_label(record.get("status")),
             request_type=request_type,
         ).inc()
+        for attempt in record.get("attempts") or ():
+            self.attempts.labels(
+                route=route,
+                instance=_label(attempt.get("instance")),
+                status=_label(attempt.get("status")),
+            ).inc()
         if duration is not None:
             self.request_duration.labels(route=route, request_type=request_type).observe(duration)
         if ttft is not None:

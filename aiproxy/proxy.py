@@ -268,6 +268,7 @@ class Exchange:
         self._idle_counts_all = bool(self.conf.get("stream_idle_timeout_counts_comments"))
         self._body_parts: list[bytes] = []
         self._chain: BodyFilterChain | None = None
+        self._chain_opened = False
         self._decoder: Any = None
         self._observer: Any = None
         self._writer: Any = None
@@ -624,8 +625,12 @@ class Exchange:
 
     def _open_chain(self) -> None:
         """
-        Start the body filters on the response that reaches the client.
+        Start the body filters on the response that reaches the client
+        (once: an attempt given up before output fed them nothing).
         """
+        if self._chain_opened:
+            return
+        self._chain_opened = True
         context = self.context
         self._chain = open_chain(self.route.body_filters, context)
         context.wants_text = self._chain is not None or bool(
@@ -710,7 +715,12 @@ class Exchange:
         self._cancel_timer("commit")
         if self._receiver is not None:
             self._receiver.attach(self._stream_chunk, self._guarded(self._stream_ended))
-        self._open_chain()
+        try:
+            self._open_chain()
+        except Exception:
+            log.failure("starting the body filters failed")
+            self._cut("internal_error", 502, "internal error while relaying the response")
+            return
         for chunk in held:
             Exchange._stream_chunk(self, chunk)
             if self._ended:
@@ -860,7 +870,8 @@ class Exchange:
             if context.protocol is not None:
                 self._observer = observer_for(context.protocol)
                 self._observer.observe_body(body, context)
-            chain = open_chain(self.route.body_filters, context)
+            self._open_chain()
+            chain = self._chain
             if chain is not None:
                 context.done = True
                 out = chain.filter_chunk(body, context)
