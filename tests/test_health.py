@@ -24,6 +24,7 @@ from aiproxy.health import HealthChecker, HealthService, HTTPProbe, ProbeTarget
 from aiproxy.interfaces import IHealthProbe
 from aiproxy.routes import build_routes
 from aiproxy.schema import load_schema, schema_problems
+from aiproxy.tap import GatewayService
 from tests.helpers import log_events
 
 #: The defaults APISIX's health checker fills in (the schema does too).
@@ -301,9 +302,9 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual(ProbeTarget("https", "::1", 443, "/x").url, "https://[::1]:443/x")
 
 
-def build(instances: list[dict[str, Any]], **plugin: Any) -> Any:
+def config_of(instances: list[dict[str, Any]], **plugin: Any) -> Any:
     """
-    The route table of one C{ai-proxy-multi} route with C{instances}.
+    A config with one C{ai-proxy-multi} route over C{instances}.
     """
     document = {
         "routes": [
@@ -315,7 +316,14 @@ def build(instances: list[dict[str, Any]], **plugin: Any) -> Any:
         ]
     }
     schemas = {name: load_schema(name) for name in PROXY_PLUGINS}
-    config = parse_config(json.dumps(document), environ={}, plugin_schemas=schemas)
+    return parse_config(json.dumps(document), environ={}, plugin_schemas=schemas)
+
+
+def build(instances: list[dict[str, Any]], **plugin: Any) -> Any:
+    """
+    The route table of one C{ai-proxy-multi} route with C{instances}.
+    """
+    config = config_of(instances, **plugin)
     return build_routes(config, MemoryReactorClock(), plugins={}, probe=FakeProbe())
 
 
@@ -404,3 +412,31 @@ class RouteCheckerTests(SynchronousTestCase):
         route.instances[0].checker.healthy = False
         picked = [route.balancer.selection().next().name for _ in range(3)]
         self.assertEqual(picked, ["b", "b", "b"])
+
+
+class GatewayHealthTests(SynchronousTestCase):
+    """
+    The gateway runs the health checks of the routes in force.
+    """
+
+    def test_lifecycle(self) -> None:
+        """
+        Checks start with the gateway; a reload stops the old table's and
+        starts the new one's; stopping the gateway stops them.
+        """
+        instances = [instance("a", checks={"active": {}}), instance("b")]
+        config = config_of(instances)
+        old = build(instances)
+        new = build(instances)
+        service = GatewayService(config, old, MemoryReactorClock(), ["tcp:0"])
+        [old_checker] = old.checkers
+        [new_checker] = new.checkers
+        self.assertFalse(old_checker.running)
+        service.startService()
+        self.assertTrue(old_checker.running)
+        service.resource.set_table(new)
+        service._reloaded(config)
+        self.assertFalse(old_checker.running)
+        self.assertTrue(new_checker.running)
+        self.successResultOf(service.stopService())
+        self.assertFalse(new_checker.running)
