@@ -260,6 +260,16 @@ class BuildTests(SynchronousTestCase):
         self.assertIn("unsupported variable 'nope'", problem)
         multi_table(balancer={"algorithm": "chash", "hash_on": "consumer"})
 
+    def test_ssl_ca_file(self) -> None:
+        """
+        A shared C{ssl_ca_file} that cannot be read is one problem, at the
+        plugin's field, not one per instance.
+        """
+        [problem] = self.problems(instance("a"), instance("b"), ssl_ca_file="/nonexistent.pem")
+        self.assertTrue(
+            problem.startswith("routes[0].plugins.ai-proxy-multi.ssl_ca_file: "), problem
+        )
+
     def test_fallback_policy(self) -> None:
         """
         C{fallback_strategy}: C{http_429}/C{http_5xx} retry those statuses;
