@@ -739,13 +739,7 @@ class Exchange:
         if self._ended:
             return
         self._body_transport = None
-        if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
-            log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
-            self._upstream_error(
-                "upstream_error",
-                502,
-                "upstream closed the connection before the response was complete",
-            )
+        if self._body_failed(reason):
             return
         self._held_failed(None, reason)
 
@@ -843,6 +837,21 @@ class Exchange:
             return
         self._body_parts.append(data)
 
+    def _body_failed(self, reason: Failure) -> bool:
+        """
+        If the upstream body ended with an error (not a clean end), end the
+        response as an upstream error.
+
+        @return: whether it did.
+        """
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+            return False
+        log.warn("upstream response body failed: {error}", error=reason.getErrorMessage())
+        self._upstream_error(
+            "upstream_error", 502, "upstream closed the connection before the response was complete"
+        )
+        return True
+
     def _buffered_ended(self, reason: Failure) -> None:
         """
         The non-streamed body is complete (or was cut).
@@ -850,13 +859,7 @@ class Exchange:
         if self._ended:
             return
         self._body_transport = None
-        if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
-            log.warn("upstream response body failed: {error}", error=reason.getErrorMessage())
-            self._upstream_error(
-                "upstream_error",
-                502,
-                "upstream closed the connection before the response was complete",
-            )
+        if self._body_failed(reason):
             return
         body = b"".join(self._body_parts)
         self._body_parts = []
@@ -949,14 +952,7 @@ class Exchange:
             return
         self._body_transport = None
         context = self.context
-        ended = reason.value
-        if not isinstance(ended, (ResponseDone, PotentialDataLoss)):
-            log.warn("upstream stream failed: {error}", error=reason.getErrorMessage())
-            self._upstream_error(
-                "upstream_error",
-                502,
-                "upstream closed the connection before the response was complete",
-            )
+        if self._body_failed(reason):
             return
         if self._received == 0:
             # Also after keep-alive comments: never a clean end without content.
