@@ -663,32 +663,16 @@ class Exchange:
         if self._ended or self._held is None:
             return
         try:
-            context = self.context
-            now = self.clock.seconds()
             if self._observe_gap is not None:
-                if self.first_chunk_at is None:
-                    self.first_chunk_at = now
-                else:
-                    self._observe_gap(now - self._last_chunk)
-            self._last_chunk = now
-            if context.ttft_ms is None:
-                context.ttft_ms = _ms(now - context.started)
-                self._cancel_timer("keepalive")
-            self._held_size += len(data)
-            limit = self._max_bytes
-            if limit is not None and self._held_size > limit:
-                self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
-                return
-            self._held.append(data)
+                self._note_gap()
             decoder = self._held_decoder
             assert decoder is not None
-            carried = decoder.pending
-            events = decoder.feed(data)
-            if events or carried or decoder.pending or self._idle_counts_all:
-                self._last_data = now
-            if events and self._awaiting_data:
-                self._first_data()
-            protocol = context.protocol or PASSTHROUGH
+            self._held_size += len(data)
+            events = self._arrival(data, decoder, self._held_size)
+            if events is None:
+                return
+            self._held.append(data)
+            protocol = self.context.protocol or PASSTHROUGH
             for event in events:
                 signal = stream_signal(protocol, event)
                 if signal == STREAM_CONTENT:
@@ -907,28 +891,11 @@ class Exchange:
             return
         try:
             context = self.context
-            now = self._last_chunk = self.clock.seconds()
-            if context.ttft_ms is None:
-                context.ttft_ms = _ms(now - context.started)
-                # The upstream's own bytes reach the client from now on: a
-                # comment of ours could land inside one of its events.
-                self._cancel_timer("keepalive")
             self._received += len(data)
-            limit = self._max_bytes
-            if limit is not None and self._received > limit:
-                self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
+            events = self._arrival(data, self._decoder, self._received)
+            if events is None:
                 return
-            decoder = self._decoder
-            carried = decoder.pending
-            events = decoder.feed(data)
-            # A chunk that only held comments (or blank lines) is not
-            # activity for stream_idle_timeout_ms; one that completes,
-            # continues or starts an event is.
-            if events or carried or decoder.pending or self._idle_counts_all:
-                self._last_data = now
             if events:
-                if self._awaiting_data:
-                    self._first_data()
                 self._observer.observe_events(events, context)
             chain = self._chain
             if chain is not None:
@@ -943,6 +910,38 @@ class Exchange:
         except Exception:
             log.failure("relaying a stream chunk failed")
             self._cut("internal_error", 502, "internal error while relaying the response")
+
+    def _arrival(self, data: bytes, decoder: Any, size: int) -> list[Any] | None:
+        """
+        What every upstream chunk of a stream gets, held or relayed: its
+        time (TTFT, the end of keep-alive comments), the byte limit, and
+        C{stream_idle_timeout_ms} activity.
+
+        @param size: the stream's bytes so far, this chunk included.
+        @return: the chunk's decoded events, or L{None} when the byte limit
+            ended the response.
+        """
+        context = self.context
+        now = self._last_chunk = self.clock.seconds()
+        if context.ttft_ms is None:
+            context.ttft_ms = _ms(now - context.started)
+            # The upstream's own bytes reach the client from now on: a
+            # comment of ours could land inside one of its events.
+            self._cancel_timer("keepalive")
+        limit = self._max_bytes
+        if limit is not None and size > limit:
+            self._cut("max_response_bytes", 502, "max_response_bytes exceeded")
+            return None
+        carried = decoder.pending
+        events: list[Any] = decoder.feed(data)
+        # A chunk that only held comments (or blank lines) is not activity
+        # for stream_idle_timeout_ms; one that completes, continues or
+        # starts an event is.
+        if events or carried or decoder.pending or self._idle_counts_all:
+            self._last_data = now
+        if events and self._awaiting_data:
+            self._first_data()
+        return events
 
     def _stream_ended(self, reason: Failure) -> None:
         """
@@ -1220,11 +1219,7 @@ class Exchange:
         """
         if self._ended:
             return
-        now = self.clock.seconds()
-        if self.first_chunk_at is None:
-            self.first_chunk_at = now
-        elif self._observe_gap is not None:
-            self._observe_gap(now - self._last_chunk)
+        self._note_gap()
         if self.first_output_at is None:
             sent = self.context.bytes_out
             Exchange._stream_chunk(self, data)
@@ -1232,6 +1227,17 @@ class Exchange:
                 self.first_output_at = self.clock.seconds()
             return
         Exchange._stream_chunk(self, data)
+
+    def _note_gap(self) -> None:
+        """
+        Time a chunk's arrival for the monitor: the first one's, else the
+        gap since the previous one (before C{_last_chunk} moves on).
+        """
+        now = self.clock.seconds()
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        elif self._observe_gap is not None:
+            self._observe_gap(now - self._last_chunk)
 
     # -- upstream failures and timers -------------------------------------
 
