@@ -237,28 +237,24 @@ def _query(request: Request) -> dict[bytes, list[bytes]]:
     return query
 
 
-def _natural(raw: str) -> int:
+def _at_least(minimum: int) -> Callable[[str], int]:
     """
-    @param raw: A control value.
-    @return: It as an integer of at least 0.
-    @raise ValueError: It is not one.
+    @param minimum: The smallest value allowed.
+    @return: A parser of control values into integers of at least
+        C{minimum}, raising L{ValueError} for anything else.
     """
-    value = int(raw)
-    if value < 0:
-        raise ValueError(raw)
-    return value
+
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < minimum:
+            raise ValueError(raw)
+        return value
+
+    return parse
 
 
-def _positive(raw: str) -> int:
-    """
-    @param raw: A control value.
-    @return: It as an integer of at least 1.
-    @raise ValueError: It is not one.
-    """
-    value = int(raw)
-    if value < 1:
-        raise ValueError(raw)
-    return value
+_natural = _at_least(0)
+_positive = _at_least(1)
 
 
 def _flag(raw: str) -> bool:
