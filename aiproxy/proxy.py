@@ -489,12 +489,7 @@ class Exchange:
         if self._receiver is not None:
             self._receiver.detach()
             self._receiver = None
-        if self._upstream_d is not None:
-            d, self._upstream_d = self._upstream_d, None
-            d.cancel()
-        if self._body_transport is not None:
-            transport, self._body_transport = self._body_transport, None
-            transport.stopProducing()
+        self._abort_transfer()
         if self._pacer is not None:
             self._pacer = None
             self.request.unregisterProducer()
@@ -1128,6 +1123,14 @@ class Exchange:
         """
         self._ended = True
         self._cancel_timers()
+        self._abort_transfer()
+
+    def _abort_transfer(self) -> None:
+        """
+        Abort the current upstream transfer: cancel the request before its
+        response, or stop reading the body; either way its connection is
+        closed.
+        """
         if self._upstream_d is not None:
             # Not guarded by d.called: once connected, treq's Deferred has
             # fired and waits on the Agent's request Deferred, and cancel()
