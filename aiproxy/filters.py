@@ -13,7 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory
+from zope.interface import implementer
+
+from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory, IStreamStage
 
 __all__ = ["BodyFilterChain", "Reject", "Replace", "Terminate", "open_chain"]
 
@@ -52,6 +54,7 @@ class Reject:
     body: Mapping[str, Any] = field(default_factory=dict)
 
 
+@implementer(IStreamStage)
 class BodyFilterChain:
     """
     The body filters of one response, in order.

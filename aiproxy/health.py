@@ -28,7 +28,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -38,7 +38,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from aiproxy.interfaces import IHealthProbe
-from aiproxy.upstream import tls_policy
+from aiproxy.upstream import DiscardBody, tls_policy
 
 __all__ = ["HTTPProbe", "HealthChecker", "HealthService", "ProbeTarget", "parse_header_lines"]
 
@@ -71,16 +71,6 @@ class ProbeTarget:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.kind}://{host}:{self.port}{self.path}"
-
-
-class _Discard(Protocol):
-    """
-    Drops a probe's response body (the connection is not kept).
-    """
-
-    def connectionMade(self) -> None:
-        # deliverBody hands its protocol a producer, not an ITransport.
-        cast(IPushProducer, self.transport).stopProducing()
 
 
 @implementer(IHealthProbe)
@@ -130,7 +120,7 @@ class HTTPProbe:
             )
 
             def answered(response: Any) -> int:
-                response.deliverBody(_Discard())
+                response.deliverBody(DiscardBody())
                 return int(response.code)
 
             d = d.addCallback(answered)

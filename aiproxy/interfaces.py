@@ -5,18 +5,22 @@ The seams of aiproxy: every pluggable part is a zope L{Interface}.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from zope.interface import Attribute, Interface
 
 __all__ = [
     "IBodyFilter",
-    "IExchangeMonitor",
     "IBodyFilterFactory",
+    "IDownstream",
+    "IExchange",
+    "IExchangeMonitor",
     "IFilterPlugin",
     "IHealthProbe",
+    "IRelay",
     "IRequestFilter",
+    "IStreamStage",
 ]
 
 
@@ -116,23 +120,40 @@ class IFilterPlugin(Interface):
         """
 
 
+class IExchange(Interface):
+    """
+    One proxied request (L{aiproxy.exchange.Exchange}), as the gateway's
+    monitor sees it.
+    """
+
+    route = Attribute("The L{aiproxy.routes.Route} the request is served by.")
+    context = Attribute("Its L{aiproxy.context.ExchangeContext}.")
+
+    def abort(reason: str) -> None:
+        """
+        End the exchange now (the gateway is shutting down): 503 before any
+        output, else an error event in the client's protocol and a closed
+        connection; the upstream transfer is stopped.
+        """
+
+
 class IExchangeMonitor(Interface):
     """
-    Sees every proxied request (L{aiproxy.proxy.Exchange}) of the gateway:
-    for the drain (which are in flight), the reload (which routes are still
-    used) and the metrics. Called on the reactor thread.
+    Sees every proxied request (an L{IExchange}) of the gateway: for the
+    drain (which are in flight), the reload (which routes are still used)
+    and the metrics. Called on the reactor thread.
     """
 
     in_flight = Attribute(
         "The exchanges started and not ended, in start order (a dict used as a set)."
     )
 
-    def exchange_started(exchange: Any) -> None:
+    def exchange_started(exchange: IExchange) -> None:
         """
         C{exchange} started; it will end with exactly one L{exchange_ended}.
         """
 
-    def stream_started(exchange: Any) -> Callable[[float], None] | None:
+    def stream_started(exchange: IExchange) -> Callable[[float], None] | None:
         """
         C{exchange} began relaying a streamed response.
 
@@ -141,9 +162,137 @@ class IExchangeMonitor(Interface):
             them: the exchange then costs nothing more per chunk.
         """
 
-    def exchange_ended(exchange: Any, record: Any) -> None:
+    def exchange_ended(exchange: IExchange, record: Mapping[str, Any], timings: Any) -> None:
         """
-        C{exchange} ended; C{record} is its access record.
+        C{exchange} ended.
+
+        @param record: its access record.
+        @param timings: its L{aiproxy.exchange.record.Timings}.
+        """
+
+    def request_refused(record: Mapping[str, Any]) -> None:
+        """
+        A request was refused before an exchange handled it (a 404, an early
+        413, a malformed head); C{record} is its access record.
+        """
+
+
+class IStreamStage(Interface):
+    """
+    One stage of a stream relay between the protocol observer and the
+    client (the body filter chain, a protocol converter): bytes in, bytes
+    out, one chunk at a time, in order.
+    """
+
+    def filter_chunk(chunk: bytes, context: Any) -> Any:
+        """
+        Pass one chunk through.
+
+        @param context: the request's L{aiproxy.context.ExchangeContext}
+            (C{events} holds the chunk's decoded events).
+        @return: the bytes to pass on (maybe empty), or an
+            L{aiproxy.filters.Terminate} that ends the response.
+        """
+
+    def finish(context: Any) -> Any:
+        """
+        The stream ended: the last bytes to pass on, or a C{Terminate}.
+        """
+
+
+class IRelay(Interface):
+    """
+    Receives one upstream response body (it is the protocol given to
+    C{deliverBody}) and passes it on to the client.
+    """
+
+    done = Attribute(
+        "A Deferred firing once with how the body ended: "
+        "L{aiproxy.exchange.relay.Complete}, C{Failed}, C{Cut} or a C{Terminate}."
+    )
+
+    mid_event = Attribute(
+        "Whether what was relayed to the client ends inside an event (an "
+        "error event after it needs a blank line first)."
+    )
+
+    def stop() -> None:
+        """
+        Stop reading the body (its connection is closed, never pooled) and
+        ignore whatever else it does; C{done} does not fire after.
+        """
+
+
+class IDownstream(Interface):
+    """
+    The client's side of one request: the only object that writes to its
+    HTTP response.
+    """
+
+    def prepare(status: int, headers: Any) -> None:
+        """
+        The status and headers (C{(name, [values])} pairs) to commit with
+        the first byte.
+        """
+
+    def send(data: bytes) -> None:
+        """
+        Write C{data} now (one HTTP chunk), the head first if not sent.
+        """
+
+    def start_stream(interval_ms: int) -> Callable[[bytes], None]:
+        """
+        Begin relaying a stream through the flush writer of
+        C{streaming_flush_interval_ms}; return its C{write}.
+        """
+
+    def discard() -> None:
+        """
+        Drop what the flush writer holds and stop it.
+        """
+
+    def keepalive() -> None:
+        """
+        Send one C{:} SSE comment (committing a 200 event stream first).
+        """
+
+    def respond(body: bytes) -> None:
+        """
+        Answer whole: the prepared head, and C{body} with its length (only
+        before any output).
+        """
+
+    def finish(tail: bytes = b"") -> None:
+        """
+        End the response normally, after what the flush writer holds and
+        C{tail}.
+        """
+
+    def cut(tail: bytes) -> None:
+        """
+        End the response early after output: C{tail} (an error event) after
+        what the flush writer holds, then the connection closed without the
+        terminating chunk.
+        """
+
+    def pace(transport: Any, on_resume: Callable[[], None]) -> None:
+        """
+        Let the client's connection pause and resume C{transport} (the
+        upstream body, an C{IPushProducer}).
+        """
+
+    def unpace() -> None:
+        """
+        The upstream body no longer follows the client's connection.
+        """
+
+    paused = Attribute("Whether the client's connection pauses the upstream read now.")
+    status = Attribute("The status committed, or to be committed.")
+
+    def when_finished(finished: Callable[[Any], None], lost: Callable[[Any], None]) -> None:
+        """
+        Call C{finished} when the response was fully written, C{lost} when
+        the client's connection closed before.
         """
 
 

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_lifecycle -*-
 """
-The gateway's life under a service manager: which requests are in flight
-(L{ExchangeMonitor}), reloading the config on C{SIGHUP}
-(L{ReloadService}) and draining on C{SIGTERM} (L{DrainService}).
+The gateway's life under a service manager: reloading the config on
+C{SIGHUP} (L{ReloadService}) and draining on C{SIGTERM} (L{DrainService}),
+both over the L{aiproxy.monitor.ExchangeMonitor} that knows which requests
+are in flight.
 
 Reload: the new config is read and checked whole; if valid, new requests
 use the new routes at once while requests in flight finish on the routes
@@ -27,22 +28,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from aiproxy.config import Config, ConfigError, load_config
-from aiproxy.interfaces import IExchangeMonitor
+from aiproxy.monitor import ExchangeMonitor
 from aiproxy.routes import RouteTable, build_routes
 
-__all__ = [
-    "DrainService",
-    "ExchangeMonitor",
-    "ReloadService",
-    "SHUTDOWN_REASON",
-]
+__all__ = ["DrainService", "ReloadService", "SHUTDOWN_REASON"]
 
 log = Logger()
 
@@ -55,176 +49,6 @@ FLUSH_TIMEOUT_S = 5.0
 
 #: How often the drain looks at the client connections while they close.
 _POLL_S = 0.05
-
-
-@implementer(IExchangeMonitor)
-class ExchangeMonitor:
-    """
-    Tracks the exchanges in flight, closes retired route tables once their
-    last exchange ended, and feeds the metrics (when there are any).
-
-    @ivar metrics: the L{aiproxy.metrics.Metrics}, or L{None} when metrics
-        are off.
-    """
-
-    def __init__(self, clock: IReactorTime, metrics: Any = None) -> None:
-        self.clock = clock
-        self.metrics = metrics
-        self.in_flight: dict[Any, None] = {}
-        self._streams: set[Any] = set()
-        self._retired: list[tuple[RouteTable, set[Any]]] = []
-        self._idle_waiters: list[Deferred[None]] = []
-        self._closing: list[Deferred[Any]] = []
-
-    # -- exchanges ----------------------------------------------------------
-
-    def exchange_started(self, exchange: Any) -> None:
-        self.in_flight[exchange] = None
-        if self.metrics is not None:
-            self.metrics.exchange_started()
-
-    def stream_started(self, exchange: Any) -> Callable[[float], None] | None:
-        metrics = self.metrics
-        if metrics is None or exchange not in self.in_flight:
-            return None
-        self._streams.add(exchange)
-        metrics.stream_started()
-        return metrics.gap_observer(exchange.route.id)  # type: ignore[no-any-return]
-
-    def exchange_ended(self, exchange: Any, record: Any) -> None:
-        if self.in_flight.pop(exchange, _MISSING) is _MISSING:
-            return
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.exchange_ended()
-            streamed = exchange in self._streams
-            if streamed:
-                self._streams.discard(exchange)
-                metrics.stream_ended()
-            self._observe(exchange, record, streamed)
-        if self._retired:
-            self._release(exchange)
-        if not self.in_flight and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                if not waiter.called:
-                    waiter.callback(None)
-
-    def _observe(self, exchange: Any, record: Any, streamed: bool) -> None:
-        """
-        Count a finished exchange in the metrics, with its timings.
-        """
-        started = exchange.context.started
-        ttft = upstream_ttft = gateway = None
-        first_chunk = exchange.first_chunk_at
-        if streamed and first_chunk is not None:
-            ttft = first_chunk - started
-            sent = exchange.upstream_started_at
-            if sent is not None:
-                upstream_ttft = first_chunk - sent
-                first_output = exchange.first_output_at
-                first_sent = exchange.first_sent_at
-                if first_output is not None and first_sent is not None:
-                    # Failed attempts of a fallback are not the gateway's
-                    # own latency: from the first attempt's sending only.
-                    gateway = (first_sent - started) + (first_output - first_chunk)
-        self.metrics.observe_record(
-            record,
-            duration=self.clock.seconds() - started,
-            ttft=ttft,
-            upstream_ttft=upstream_ttft,
-            gateway_latency=gateway,
-        )
-
-    # -- draining -----------------------------------------------------------
-
-    def when_idle(self) -> Deferred[None]:
-        """
-        A Deferred that fires when no exchange is in flight (at once if none
-        is). It may be cancelled.
-        """
-        if not self.in_flight:
-            return succeed(None)
-
-        def cancel(d: Deferred[None]) -> None:
-            if d in self._idle_waiters:
-                self._idle_waiters.remove(d)
-
-        waiter: Deferred[None] = Deferred(cancel)
-        self._idle_waiters.append(waiter)
-        return waiter
-
-    def abort_all(self, reason: str = SHUTDOWN_REASON) -> int:
-        """
-        Abort every exchange in flight.
-
-        @return: how many were aborted.
-        """
-        exchanges = list(self.in_flight)
-        for exchange in exchanges:
-            try:
-                exchange.abort(reason)
-            except Exception:
-                log.failure("aborting a request failed")
-        return len(exchanges)
-
-    # -- reloading ------------------------------------------------------------
-
-    def retire(self, table: RouteTable) -> None:
-        """
-        C{table} no longer serves new requests: close its upstream pools now
-        if no exchange uses one of its routes, else after the last one
-        ended.
-        """
-        routes = {id(route) for route in table.routes}
-        users = {exchange for exchange in self.in_flight if id(exchange.route) in routes}
-        if users:
-            self._retired.append((table, users))
-        else:
-            self._close(table)
-
-    def _release(self, exchange: Any) -> None:
-        """
-        C{exchange} ended: close the retired tables nobody uses any more.
-        """
-        still: list[tuple[RouteTable, set[Any]]] = []
-        for table, users in self._retired:
-            users.discard(exchange)
-            if users:
-                still.append((table, users))
-            else:
-                self._close(table)
-        self._retired = still
-
-    def _close(self, table: RouteTable) -> None:
-        """
-        Close a table's upstream connection pools.
-        """
-        d = table.close()
-        d.addErrback(lambda f: log.failure("closing retired upstream pools failed", f))
-        self._closing.append(d)
-        d.addBoth(self._closed, d)
-
-    def _closed(self, result: object, d: Deferred[Any]) -> object:
-        if d in self._closing:
-            self._closing.remove(d)
-        return result
-
-    @property
-    def retired_tables(self) -> list[RouteTable]:
-        """
-        The retired tables still waiting for their last exchange.
-        """
-        return [table for table, _ in self._retired]
-
-    def wait_closed(self) -> Deferred[Any]:
-        """
-        Fires when the retired tables' pools being closed are closed.
-        """
-        return gatherResults(list(self._closing))
-
-
-_MISSING = object()
 
 
 class _SignalHandling:

@@ -2,7 +2,7 @@
 """
 Prometheus metrics: a L{Metrics} object owning its own
 C{CollectorRegistry} (never the process-global one), fed by the
-gateway's L{aiproxy.lifecycle.ExchangeMonitor} from each request's access
+gateway's L{aiproxy.monitor.ExchangeMonitor} from each request's access
 record, and served on its own C{metrics_listen} endpoint at C{/metrics}.
 
 The label set is documented in C{docs/operations.md}. Label values that a

@@ -6,7 +6,6 @@ a L{Request} that refuses an oversized body before reading it.
 
 from __future__ import annotations
 
-import json
 import weakref
 from http import HTTPStatus
 from typing import Any
@@ -18,17 +17,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aiproxy.accesslog import log_access
-from aiproxy.context import ExchangeContext
-from aiproxy.proxy import Exchange
+from aiproxy.exchange import Exchange
+from aiproxy.exchange.errors import error_body
+from aiproxy.exchange.record import refusal_record
+from aiproxy.interfaces import IExchangeMonitor
 from aiproxy.request import too_large_message
 from aiproxy.routes import Route, RouteTable
 from aiproxy.upstream import set_no_delay
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite"]
-
-
-def _json_error(message: str) -> bytes:
-    return json.dumps({"message": message}).encode("utf-8")
 
 
 class RouteResource(Resource):
@@ -38,7 +35,9 @@ class RouteResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, route: Route, clock: IReactorTime, monitor: Any = None) -> None:
+    def __init__(
+        self, route: Route, clock: IReactorTime, monitor: IExchangeMonitor | None = None
+    ) -> None:
         super().__init__()
         self._route = route
         self._clock = clock
@@ -57,70 +56,37 @@ class NoRouteResource(Resource):
     isLeaf = True
 
     #: The L{aiproxy.interfaces.IExchangeMonitor} whose metrics count the 404s.
-    monitor: Any = None
+    monitor: IExchangeMonitor | None = None
 
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"application/json")
-        body = _json_error("404 Route Not Found")
+        body = error_body("404 Route Not Found")
         size = getattr(request, "_received", None)
         if size is None:
             size = request.content.seek(0, 2) if request.content is not None else 0
-        _log_rejection(
+        _log_refusal(
             self.monitor,
-            _rejection_record(
-                request.method, request.path, 404, bytes_in=size, bytes_out=len(body)
-            ),
+            refusal_record(request.method, request.path, 404, bytes_in=size, bytes_out=len(body)),
         )
         return body
 
 
-def _log_rejection(monitor: Any, record: dict[str, Any]) -> None:
+def _log_refusal(monitor: IExchangeMonitor | None, record: dict[str, Any]) -> None:
     """
-    Log a request refused before an exchange handled it, and count it in
-    the metrics when they are on.
+    Log a request refused before an exchange handled it, and tell the
+    monitor (which counts it in the metrics when they are on).
     """
     log_access(record)
-    metrics = getattr(monitor, "metrics", None)
-    if metrics is not None:
-        metrics.observe_record(record)
+    if monitor is not None:
+        monitor.request_refused(record)
 
 
-def _monitor_of(site: Site) -> Any:
+def _monitor_of(site: Site) -> IExchangeMonitor | None:
     """
-    The L{aiproxy.interfaces.IExchangeMonitor} of the site's
-    L{GatewayResource}, or L{None}.
+    The monitor of the site's L{GatewayResource}, or L{None}.
     """
     return getattr(site.resource, "monitor", None)
-
-
-def _rejection_record(
-    method: bytes,
-    path: bytes,
-    status: int,
-    route: Route | None = None,
-    reason: str | None = None,
-    bytes_in: int = 0,
-    bytes_out: int = 0,
-) -> dict[str, Any]:
-    """
-    The access record of a request refused before an exchange handled it:
-    the same keys as an exchange's (SPEC section 6), figures unknown left
-    null.
-    """
-    if route is None:
-        context = ExchangeContext(None, None, 0.0)  # type: ignore[arg-type]
-    else:
-        context = ExchangeContext(route.id, route.instance_name, 0.0)
-    context.method = method.decode("latin-1")
-    context.path = path.partition(b"?")[0].decode("latin-1")
-    context.status = status
-    context.abort_reason = reason
-    context.bytes_in = bytes_in
-    context.bytes_out = bytes_out
-    record = context.record()
-    record["request_type"] = None
-    return record
 
 
 class GatewayResource(Resource):
@@ -133,7 +99,9 @@ class GatewayResource(Resource):
         reports to, or L{None}.
     """
 
-    def __init__(self, table: RouteTable, clock: IReactorTime, monitor: Any = None) -> None:
+    def __init__(
+        self, table: RouteTable, clock: IReactorTime, monitor: IExchangeMonitor | None = None
+    ) -> None:
         super().__init__()
         self.clock = clock
         self.table = table
@@ -235,7 +203,7 @@ class GatewayRequest(Request):
         assert self._route is not None
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
-        body = _json_error(too_large_message(size, self._route.conf["max_req_body_size"]))
+        body = error_body(too_large_message(size, self._route.conf["max_req_body_size"]))
         transport = self.channel.transport
         assert transport is not None
         transport.write(
@@ -243,10 +211,18 @@ class GatewayRequest(Request):
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
         )
         transport.loseConnection()
-        _log_rejection(
+        route = self._route
+        _log_refusal(
             _monitor_of(self.channel.site),
-            _rejection_record(
-                command, path, 413, self._route, "request_too_large", self._received, len(body)
+            refusal_record(
+                command,
+                path,
+                413,
+                route.id,
+                route.instance_name,
+                "request_too_large",
+                self._received,
+                len(body),
             ),
         )
 
@@ -292,7 +268,7 @@ class GatewayChannel(HTTPChannel):
         Answer C{status} with C{{"message": message}} and close the
         connection; nothing more is read.
         """
-        body = _json_error(message)
+        body = error_body(message)
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
@@ -303,9 +279,9 @@ class GatewayChannel(HTTPChannel):
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         command = getattr(self, "_command", None) or b""
         path = getattr(self, "_path", None) or b""
-        _log_rejection(
+        _log_refusal(
             _monitor_of(self.site),
-            _rejection_record(command, path, status, reason=reason, bytes_out=len(body)),
+            refusal_record(command, path, status, reason=reason, bytes_out=len(body)),
         )
 
 

@@ -17,8 +17,9 @@ from twisted.python import usage
 from aiproxy import __version__
 from aiproxy.config import Config, ConfigError, load_config
 from aiproxy.health import HealthService
-from aiproxy.lifecycle import DrainService, ExchangeMonitor, ReloadService
+from aiproxy.lifecycle import DrainService, ReloadService
 from aiproxy.logs import text_observer
+from aiproxy.monitor import ExchangeMonitor
 from aiproxy.routes import RouteTable, build_routes
 from aiproxy.server import GatewayResource, GatewaySite
 

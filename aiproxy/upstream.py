@@ -15,7 +15,8 @@ from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     # resolution.
     from treq._types import _ITreqReactor
 
-__all__ = ["BytesProducer", "UpstreamClient", "set_no_delay", "tls_policy"]
+__all__ = ["BytesProducer", "DiscardBody", "UpstreamClient", "set_no_delay", "tls_policy"]
 
 
 def set_no_delay(transport: Any) -> None:
@@ -48,6 +49,18 @@ def set_no_delay(transport: Any) -> None:
             set_tcp_no_delay(True)
         except OSError:
             pass
+
+
+class DiscardBody(Protocol):
+    """
+    Receives a response body nobody wants: stops the transfer at once (the
+    connection is closed, never pooled).
+    """
+
+    def connectionMade(self) -> None:
+        # deliverBody hands its protocol a producer (TransportProxyProducer),
+        # not the ITransport that Twisted's Protocol declares.
+        cast(IPushProducer, self.transport).stopProducing()
 
 
 @implementer(IBodyProducer)

@@ -22,14 +22,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aiproxy.config import load_config, parse_config
+from aiproxy.exchange.record import Timings
 from aiproxy.interfaces import IExchangeMonitor
-from aiproxy.lifecycle import (
-    SHUTDOWN_REASON,
-    DrainService,
-    ExchangeMonitor,
-    ReloadService,
-)
+from aiproxy.lifecycle import SHUTDOWN_REASON, DrainService, ReloadService
 from aiproxy.metrics import Metrics
+from aiproxy.monitor import ExchangeMonitor
 from aiproxy.routes import RouteTable, build_routes
 from aiproxy.tap import GatewayService
 from tests.helpers import write_config
@@ -117,14 +114,8 @@ def closed_by_peer(gateway: Gateway) -> None:
 
 class StubExchange:
     """
-    What the monitor reads of an exchange.
+    An exchange the monitor tracks.
     """
-
-    def __init__(self) -> None:
-        self.context = type("Context", (), {"started": 0.0})()
-        self.first_chunk_at = None
-        self.upstream_started_at = None
-        self.first_output_at = None
 
 
 class FakeReactor(Clock):
@@ -178,8 +169,8 @@ class MonitorTests(SynchronousTestCase):
         monitor = ExchangeMonitor(Clock(), metrics)
         exchange = StubExchange()
         monitor.exchange_started(exchange)
-        monitor.exchange_ended(exchange, {"status": 200})
-        monitor.exchange_ended(exchange, {"status": 200})
+        monitor.exchange_ended(exchange, {"status": 200}, Timings(0.0))
+        monitor.exchange_ended(exchange, {"status": 200}, Timings(0.0))
         self.assertEqual(metrics.in_flight._value.get(), 0)
 
     def test_when_idle(self) -> None:
@@ -217,7 +208,7 @@ class MonitorTests(SynchronousTestCase):
         """
         gateway, monitor = monitored(self, make_table())
         gateway.stream()
-        self.assertEqual(monitor.abort_all(), 1)
+        self.assertEqual(monitor.abort_all(SHUTDOWN_REASON), 1)
         self.assertEqual(gateway.record["abort_reason"], SHUTDOWN_REASON)
         self.assertEqual(monitor.in_flight, {})
 

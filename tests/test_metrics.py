@@ -18,8 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.wsgi import WSGIResource
 
-from aiproxy.lifecycle import ExchangeMonitor
+from aiproxy.exchange.relay import StreamRelay, TimedStreamRelay
 from aiproxy.metrics import MODEL_LABEL_LENGTH, Metrics, MetricsSite, metrics_site
+from aiproxy.monitor import ExchangeMonitor
 from tests.test_proxy import (
     API_KEY,
     CHAT,
@@ -461,30 +462,31 @@ class ExchangeMetricsTests(SynchronousTestCase):
 
     def test_metrics_off_hot_path(self) -> None:
         """
-        Without metrics the exchange keeps its plain chunk handler (no
-        per-chunk timing) and records no timings, yet the monitor still
+        Without metrics the exchange relays through the plain stream relay
+        (no per-chunk timing) and records no timings, yet the monitor still
         tracks it.
         """
         gateway, monitor = monitored(self, make_table(), None)
         upstream = gateway.stream()
         upstream.data(delta("a"))
         [exchange] = list(monitor.in_flight)
-        self.assertNotIn("_stream_chunk", vars(exchange))
-        self.assertIsNone(exchange.first_chunk_at)
+        self.assertIs(type(upstream.protocol), StreamRelay)
+        self.assertIsNone(exchange.timings.first_chunk)
         upstream.data(DONE)
         upstream.end()
         self.assertEqual(monitor.in_flight, {})
 
     def test_metrics_on_timed_handler(self) -> None:
         """
-        With metrics the exchange's chunk handler is the timing wrapper.
+        With metrics the exchange relays through the timed stream relay,
+        which times the first chunk.
         """
         gateway, monitor = monitored(self, make_table(), Metrics())
         upstream = gateway.stream()
         [exchange] = list(monitor.in_flight)
-        self.assertEqual(vars(exchange)["_stream_chunk"], exchange._timed_chunk)
+        self.assertIsInstance(upstream.protocol, TimedStreamRelay)
         upstream.data(delta("a"))
-        self.assertEqual(exchange.first_chunk_at, gateway.clock.seconds())
+        self.assertEqual(exchange.timings.first_chunk, gateway.clock.seconds())
 
 
 class AccessRecordTests(SynchronousTestCase):
