@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("a config file is required")
     from twisted.internet import reactor
 
-    from aiproxy.routes import build_routes
+    from aiproxy.routing.build import build_routes
 
     try:
         build_routes(load_config(path), reactor)

@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["RECORD_KEYS", "ExchangeContext"]
 
-#: The keys SPEC section 6 requires in every access record (an
+#: The keys docs/operations.md lists in every access record (an
 #: L{ExchangeContext.record} holds them all, and C{method}, C{path} and
 #: C{flushes} besides).
 RECORD_KEYS = frozenset(
@@ -113,6 +113,23 @@ class ExchangeContext:
         self.body: dict[str, Any] | None = None
         self.body_changed = False
         self.request_llm_model: str | None = None
+        self.wants_text = False
+        self.output_started = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status: int | None = None
+        self.abort_reason: str | None = None
+        self.flushes = 0
+        self.path = ""
+        self.method = ""
+        self.reset_response()
+
+    def reset_response(self) -> None:
+        """
+        Set what an upstream response tells (figures, text, end marker,
+        timings) to nothing known: at the start, and when the request falls
+        back to another instance, whose answer is the one recorded.
+        """
         self.llm_model: str | None = None
         self.ttft_ms: int | None = None
         self.upstream_response_time_ms: int | None = None
@@ -125,38 +142,8 @@ class ExchangeContext:
         self.reasoning_tokens: int | None = None
         self.has_tool_calls = False
         self.events: list[Any] = []
-        self.wants_text = False
         self._text: list[str] = []
         self.done = False
-        self.output_started = False
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.status: int | None = None
-        self.abort_reason: str | None = None
-        self.flushes = 0
-        self.path = ""
-        self.method = ""
-
-    def reset_response(self) -> None:
-        """
-        Forget what an upstream attempt's response said (figures, text,
-        end marker, timings): the request falls back to another instance,
-        whose answer is the one recorded.
-        """
-        self.ttft_ms = None
-        self.upstream_response_time_ms = None
-        self.usage = None
-        self.prompt_tokens = None
-        self.completion_tokens = None
-        self.total_tokens = None
-        self.cache_read_input_tokens = None
-        self.cache_creation_input_tokens = None
-        self.reasoning_tokens = None
-        self.has_tool_calls = False
-        self.events = []
-        self._text = []
-        self.done = False
-        self.llm_model = None
 
     def mark_body_changed(self) -> None:
         """
@@ -222,7 +209,7 @@ class ExchangeContext:
     def record(self) -> dict[str, Any]:
         """
         The access-log record of this request: every key of L{RECORD_KEYS}
-        (SPEC section 6) and C{method}, C{path}, C{flushes}. Never holds
+        (docs/operations.md) and C{method}, C{path}, C{flushes}. Never holds
         credentials: only figures and names.
         """
         return {

@@ -126,7 +126,7 @@ class IExchange(Interface):
     monitor sees it.
     """
 
-    route = Attribute("The L{aiproxy.routes.Route} the request is served by.")
+    route = Attribute("The L{aiproxy.routing.routes.Route} the request is served by.")
     context = Attribute("Its L{aiproxy.context.ExchangeContext}.")
 
     def abort(reason: str) -> None:
@@ -299,7 +299,7 @@ class IDownstream(Interface):
 class IHealthProbe(Interface):
     """
     Sends one active health-check probe to an instance of an
-    C{ai-proxy-multi} route (L{aiproxy.health.HealthChecker} calls it every
+    C{ai-proxy-multi} route (L{aiproxy.routing.health.HealthChecker} calls it every
     interval). A probe carries only what the instance's C{checks.active}
     and C{auth} say: never anything of a client's request.
     """
@@ -308,7 +308,7 @@ class IHealthProbe(Interface):
         """
         Probe once.
 
-        @param target: an L{aiproxy.health.ProbeTarget}: C{kind}
+        @param target: an L{aiproxy.routing.health.ProbeTarget}: C{kind}
             (C{http}, C{https} or C{tcp}), C{host}, C{port}, C{path},
             C{headers}, C{timeout} (seconds) and C{verify}.
         @return: a Deferred firing with the HTTP status of the answer

@@ -34,7 +34,8 @@ from twisted.logger import Logger
 
 from aiproxy.config import Config, ConfigError, load_config
 from aiproxy.monitor import ExchangeMonitor
-from aiproxy.routes import RouteTable, build_routes
+from aiproxy.routing.build import build_routes
+from aiproxy.routing.routes import RouteTable
 
 __all__ = ["DrainService", "ReloadService", "SHUTDOWN_REASON"]
 

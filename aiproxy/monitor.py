@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from aiproxy.exchange.record import Timings
 from aiproxy.interfaces import IExchange, IExchangeMonitor
-from aiproxy.routes import RouteTable
+from aiproxy.routing.routes import RouteTable
 
 if TYPE_CHECKING:
     from aiproxy.metrics import Metrics

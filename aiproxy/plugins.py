@@ -7,6 +7,10 @@ object that provides L{twisted.plugin.IPlugin} and L{IFilterPlugin}; once the
 package is installed, routes can name the plugin without touching aiproxy.
 Its C{configure} may raise L{PluginConfigError} to refuse a config its
 schema allows; the loader reports each problem at its JSON path.
+
+The helpers a plugin may build on are importable from here: the hold-back
+window and its patterns, and the SSE decoder and event for a filter that
+decodes its own input.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from twisted.plugin import getPlugins
 from aiproxy.builtin import BUILTINS, PluginConfigError
 from aiproxy.holdback import HoldBackWindow, PatternError, compile_pattern
 from aiproxy.interfaces import IFilterPlugin
+from aiproxy.stream.sse import SSEDecoder, SSEEvent
 
 __all__ = [
     "BUILTIN_PLUGINS",
     "HoldBackWindow",
     "PatternError",
     "PluginConfigError",
+    "SSEDecoder",
+    "SSEEvent",
     "available_plugins",
     "compile_pattern",
     "plugin_schemas",

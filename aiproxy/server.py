@@ -21,9 +21,9 @@ from aiproxy.exchange import Exchange
 from aiproxy.exchange.errors import error_body
 from aiproxy.exchange.record import refusal_record
 from aiproxy.interfaces import IExchangeMonitor
-from aiproxy.request import too_large_message
-from aiproxy.routes import Route, RouteTable
-from aiproxy.upstream import set_no_delay
+from aiproxy.routing.routes import Route, RouteTable
+from aiproxy.tcp import set_no_delay
+from aiproxy.upstream.request import too_large_message
 
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewayResource", "GatewaySite"]
 

@@ -16,11 +16,12 @@ from twisted.python import usage
 
 from aiproxy import __version__
 from aiproxy.config import Config, ConfigError, load_config
-from aiproxy.health import HealthService
 from aiproxy.lifecycle import DrainService, ReloadService
 from aiproxy.logs import text_observer
 from aiproxy.monitor import ExchangeMonitor
-from aiproxy.routes import RouteTable, build_routes
+from aiproxy.routing.build import build_routes
+from aiproxy.routing.health import HealthService
+from aiproxy.routing.routes import RouteTable
 from aiproxy.server import GatewayResource, GatewaySite
 
 __all__ = ["DEFAULT_BACKLOG", "GatewayService", "Options", "makeService", "with_backlog"]

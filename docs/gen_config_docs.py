@@ -2,7 +2,7 @@
 """
 Regenerate the tables of C{docs/configuration.md} from the shipped JSON
 Schemas (C{aiproxy/schemas/*.json}) and the provider table of
-L{aiproxy.providers}.
+L{aiproxy.upstream.providers}.
 
 Each table sits between C{<!-- BEGIN GENERATED: name -->} and
 C{<!-- END GENERATED: name -->}; everything outside the markers is
@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from aiproxy.plugins import BUILTIN_PLUGINS  # noqa: E402
-from aiproxy.providers import PROVIDERS  # noqa: E402
 from aiproxy.schema import load_schema  # noqa: E402
+from aiproxy.upstream.providers import PROVIDERS  # noqa: E402
 
 __all__ = ["DOC", "REGIONS", "field_rows", "main", "regenerate"]
 

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_balancer -*-
 """
-Tests for L{aiproxy.balancer}: which instance a request goes to first, and
+Tests for L{aiproxy.routing.balancer}: which instance a request goes to first, and
 which one next when an attempt fails.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from aiproxy.balancer import (
+from aiproxy.routing.balancer import (
     HASH_VARIABLES,
     Balancer,
     hash_key_problem,

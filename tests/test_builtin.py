@@ -23,7 +23,7 @@ from aiproxy.context import ExchangeContext
 from aiproxy.filters import Reject, Replace, Terminate
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory, IFilterPlugin, IRequestFilter
 from aiproxy.plugins import BUILTIN_PLUGINS, available_plugins
-from aiproxy.protocols import (
+from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     BEDROCK_CONVERSE,
     OPENAI_CHAT,
@@ -31,7 +31,7 @@ from aiproxy.protocols import (
     OPENAI_RESPONSES,
     PASSTHROUGH,
 )
-from aiproxy.sse import SSEDecoder
+from aiproxy.stream.sse import SSEDecoder
 from tests.helpers import log_events
 from tests.test_proxy import (
     CHAT,
@@ -1097,7 +1097,7 @@ class DocsExamplesTests(SynchronousTestCase):
         from twisted.internet.testing import MemoryReactorClock
 
         from aiproxy.config import parse_config
-        from aiproxy.routes import build_routes
+        from aiproxy.routing.build import build_routes
 
         docs = Path(__file__).resolve().parent.parent / "docs"
         pages = [docs / "plugins.md", *sorted((docs / "plugins").glob("*.md"))]

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_config -*-
 """
 Tests for L{aiproxy.config} and L{aiproxy.schema}: loading, validating and
-defaulting the YAML configuration file (SPEC sections 1, 2 and 2.1).
+defaulting the YAML configuration file (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class DefaultsTests(SynchronousTestCase, ProblemsMixin):
 
     def test_ai_proxy_defaults(self) -> None:
         """
-        Every default of SPEC section 2.1 is filled in, and the optional
+        Every default of docs/configuration.md is filled in, and the optional
         limits stay unset.
         """
         route = parse(MINIMAL_ROUTE).routes[0]
@@ -343,7 +343,7 @@ class ProblemTests(SynchronousTestCase, ProblemsMixin):
 
     def test_spec_example(self) -> None:
         """
-        The SPEC's example line, exactly.
+        The documented example line, exactly.
         """
         self.assertEqual(
             self.problems(one_route(streaming_flush_interval_ms=-1)),
@@ -442,7 +442,7 @@ class ProblemTests(SynchronousTestCase, ProblemsMixin):
 
     def test_providers(self) -> None:
         """
-        Every provider of SPEC section 2.1 is accepted by the schema.
+        Every provider of docs/configuration.md is accepted by the schema.
         """
         for provider in (
             "openai deepseek aimlapi anthropic openai-compatible azure-openai "
@@ -456,7 +456,7 @@ class ProblemTests(SynchronousTestCase, ProblemsMixin):
 
     def test_bounds(self) -> None:
         """
-        The bounds of SPEC section 2.1: the edge values are accepted, one
+        The bounds of docs/configuration.md: the edge values are accepted, one
         past them is an error at the field.
         """
         cases = [

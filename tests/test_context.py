@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_context -*-
 """
 Tests for L{aiproxy.context}: the per-request context, its usage figures
-and its access record (SPEC section 6).
+and its access record (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class RecordTests(SynchronousTestCase):
 
     def test_spec_keys(self) -> None:
         """
-        The record has every key of SPEC section 6 and is JSON.
+        The record has every key of docs/operations.md and is JSON.
         """
         record = context().record()
         self.assertEqual(RECORD_KEYS - set(record), set())
@@ -195,7 +195,7 @@ class RecordTests(SynchronousTestCase):
 
     def test_values(self) -> None:
         """
-        The record holds the request's figures under the SPEC's names.
+        The record holds the request's figures under the documented names.
         """
         ctx = context()
         ctx.stream = True

@@ -19,10 +19,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from aiproxy.config import PROXY_PLUGINS, ConfigError, parse_config
-from aiproxy.routes import build_routes
+from aiproxy.exchange.writer import MAX_PENDING
+from aiproxy.routing.build import build_routes
 from aiproxy.schema import load_schema
-from aiproxy.sse import SSEDecoder
-from aiproxy.writer import MAX_PENDING
+from aiproxy.stream.sse import SSEDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATION = ROOT / "docs" / "configuration.md"

@@ -524,7 +524,7 @@ class RequestTests(TestCase):
 
     async def test_request_errors(self) -> None:
         """
-        Content type, empty body, invalid JSON: 400 with the SPEC messages;
+        Content type, empty body, invalid JSON: 400 with the documented messages;
         too large by Content-Length (before the body is sent) or while a
         chunked body is read: 413; an unknown path: 404 JSON. Nothing
         reaches the upstream.
@@ -710,7 +710,7 @@ class AccessLogTests(TestCase):
         """
         A stream, a non-stream answer, an upstream 429, a client error, an
         unknown path and a client that left each give one record with the
-        SPEC section 6 keys and the right status; the route's key appears
+        docs/operations.md keys and the right status; the route's key appears
         nowhere in the daemon's output.
         """
         mock = await start_mock(self)

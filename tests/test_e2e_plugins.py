@@ -20,7 +20,7 @@ from openai import OpenAI
 from twisted.trial.unittest import TestCase
 
 from aiproxy.builtin.prompt_guard import PROHIBITED
-from aiproxy.sse import SSEDecoder
+from aiproxy.stream.sse import SSEDecoder
 from tests.daemon import (
     REPO_ROOT,
     ROUTE_API_KEY,

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_eventstream -*-
 """
-Tests for L{aiproxy.eventstream}.
+Tests for L{aiproxy.stream.eventstream}.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from aiproxy.eventstream import EventStreamDecoder, EventStreamMessage, encode_message
+from aiproxy.stream.eventstream import EventStreamDecoder, EventStreamMessage, encode_message
 from tests.helpers import feed_all, log_events
 
 
@@ -151,7 +151,7 @@ class EventStreamDecoderTests(SynchronousTestCase):
         A bad prelude CRC sets C{error}, logs a warning, and stops decoding:
         messages before it are returned, later input is ignored.
         """
-        warnings = log_events(self, "aiproxy.eventstream")
+        warnings = log_events(self, "aiproxy.stream.eventstream")
         bad = bytearray(_CHUNK)
         bad[8] ^= 1
         decoder = EventStreamDecoder()
@@ -227,7 +227,7 @@ class EventStreamDecoderTests(SynchronousTestCase):
         L{EventStreamDecoder.close} drops an incomplete message with a
         warning giving its size.
         """
-        warnings = log_events(self, "aiproxy.eventstream")
+        warnings = log_events(self, "aiproxy.stream.eventstream")
         decoder = EventStreamDecoder()
         decoder.feed(_CHUNK + _CHUNK[:30])
         self.assertEqual(decoder.close(), [])
@@ -243,7 +243,7 @@ class EventStreamDecoderTests(SynchronousTestCase):
         L{EventStreamDecoder.close} after complete messages warns about
         nothing.
         """
-        warnings = log_events(self, "aiproxy.eventstream")
+        warnings = log_events(self, "aiproxy.stream.eventstream")
         decoder = EventStreamDecoder()
         decoder.feed(_CHUNK)
         self.assertEqual(decoder.close(), [])

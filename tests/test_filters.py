@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_filters -*-
 """
 Tests for L{aiproxy.filters}: the body-filter chain and filter results
-(SPEC section 7).
+(docs/plugins.md).
 """
 
 from __future__ import annotations

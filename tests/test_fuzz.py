@@ -32,10 +32,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed
 
 from aiproxy.config import Config, ConfigError, parse_config
-from aiproxy.eventstream import EventStreamDecoder, encode_message
-from aiproxy.routes import build_routes
+from aiproxy.routing.build import build_routes
 from aiproxy.server import GatewayResource, GatewaySite
-from aiproxy.sse import SSEDecoder
+from aiproxy.stream.eventstream import EventStreamDecoder, encode_message
+from aiproxy.stream.sse import SSEDecoder
 from tests.daemon import RawHTTPClient, in_thread, proxy_route, start_daemon, start_mock
 from tests.helpers import feed_all, log_events
 from tests.test_config import PROBLEM_LINE

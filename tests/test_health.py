@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_health -*-
 """
-Tests for L{aiproxy.health}: active health checks driven by a L{Clock} and
+Tests for L{aiproxy.routing.health}: active health checks driven by a L{Clock} and
 a fake probe, and how a route's instances get their checkers.
 """
 
@@ -20,9 +20,9 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from aiproxy.config import PROXY_PLUGINS, parse_config
-from aiproxy.health import HealthChecker, HealthService, HTTPProbe, ProbeTarget
 from aiproxy.interfaces import IHealthProbe
-from aiproxy.routes import build_routes
+from aiproxy.routing.build import build_routes
+from aiproxy.routing.health import HealthChecker, HealthService, HTTPProbe, ProbeTarget
 from aiproxy.schema import load_schema, schema_problems
 from aiproxy.tap import GatewayService
 from tests.helpers import log_events

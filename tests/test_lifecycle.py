@@ -27,7 +27,8 @@ from aiproxy.interfaces import IExchangeMonitor
 from aiproxy.lifecycle import SHUTDOWN_REASON, DrainService, ReloadService
 from aiproxy.metrics import Metrics
 from aiproxy.monitor import ExchangeMonitor
-from aiproxy.routes import RouteTable, build_routes
+from aiproxy.routing.build import build_routes
+from aiproxy.routing.routes import RouteTable
 from aiproxy.tap import GatewayService
 from tests.helpers import write_config
 from tests.test_proxy import (

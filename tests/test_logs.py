@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_logs -*-
 """
 Tests for L{aiproxy.logs} and L{aiproxy.accesslog}: one line per event,
-access records as bare JSON lines (SPEC sections 1 and 6).
+access records as bare JSON lines (docs/operations.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
-Tests for L{aiproxy.metrics}: the metric names and labels of SPEC section
-6, counting from access records, bounded model labels, and the exchanges
+Tests for L{aiproxy.metrics}: the metric names and labels of docs/operations.md,
+counting from access records, bounded model labels, and the exchanges
 feeding them through the monitor; and the access record's attempts and
 C{logging} extras (driven by a L{Clock}, without sockets).
 """
@@ -104,13 +104,13 @@ RECORD = {
 
 class MetricNamesTests(SynchronousTestCase):
     """
-    The names, types and labels SPEC section 6 pins.
+    The names, types and labels docs/operations.md pins.
     """
 
     def test_spec_families(self) -> None:
         """
         A scrape parses with C{prometheus_client}'s parser and holds the
-        SPEC's families with their types and label names.
+        documented families with their types and label names.
         """
         metrics = Metrics()
         metrics.observe_record(
@@ -133,7 +133,7 @@ class MetricNamesTests(SynchronousTestCase):
 
     def test_other_families(self) -> None:
         """
-        Beyond the SPEC: upstream TTFT, gateway latency, chunk gaps, bytes,
+        Beyond the required set: upstream TTFT, gateway latency, chunk gaps, bytes,
         requests in flight and reloads.
         """
         found = families(Metrics())

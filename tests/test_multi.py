@@ -24,7 +24,9 @@ from twisted.web.client import ResponseFailed
 from aiproxy.config import ConfigError
 from aiproxy.lifecycle import ExchangeMonitor
 from aiproxy.metrics import Metrics
-from aiproxy.protocols import (
+from aiproxy.routing.routes import FallbackPolicy, RouteTable
+from aiproxy.server import GatewayResource, GatewaySite
+from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     OPENAI_CHAT,
     OPENAI_RESPONSES,
@@ -33,9 +35,7 @@ from aiproxy.protocols import (
     STREAM_ERROR,
     stream_signal,
 )
-from aiproxy.routes import FallbackPolicy, RouteTable
-from aiproxy.server import GatewayResource, GatewaySite
-from aiproxy.sse import SSEEvent
+from aiproxy.stream.sse import SSEEvent
 from tests.test_proxy import (
     CHAT,
     CHAT_STREAM,
@@ -204,7 +204,7 @@ class BuildTests(SynchronousTestCase):
         from twisted.internet.testing import MemoryReactorClock
 
         from aiproxy.config import PROXY_PLUGINS, parse_config
-        from aiproxy.routes import build_routes
+        from aiproxy.routing.build import build_routes
         from aiproxy.schema import load_schema
 
         document = {"routes": [multi_route([instance("a"), instance("b")], keepalive_pool=7)]}

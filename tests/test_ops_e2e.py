@@ -42,7 +42,7 @@ CHAT_STREAM = {**CHAT, "stream": True}
 #: never logged.
 CLIENT_SECRET = "Bearer client-ops-secret-987"
 
-#: The keys SPEC section 6 requires in every access record, and ours.
+#: The keys docs/operations.md lists in every access record, and ours.
 ACCESS_KEYS = RECORD_KEYS | {"attempts"}
 
 _METRICS_LINE = re.compile(r"MetricsSite starting on (\d+)")
@@ -266,14 +266,14 @@ class MetricsTests(TestCase):
 
 class AccessLogTests(TestCase):
     """
-    One JSON object per request on stdout, with the SPEC keys and the
+    One JSON object per request on stdout, with the documented keys and the
     attempts; payloads only where the route asks; never a credential.
     """
 
     async def test_records(self) -> None:
         """
         Every stdout line that is a record parses as one JSON object with
-        the SPEC section 6 keys and one attempt; the route with
+        the docs/operations.md keys and one attempt; the route with
         C{logging.summaries}/C{payloads} adds the summary, the request's
         messages and the answer's text; no output holds the route's key or
         the client's C{Authorization}.

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_protocols -*-
 """
-Tests for L{aiproxy.protocols}: reading model, usage, text, tool calls and
+Tests for L{aiproxy.stream.protocols}: reading model, usage, text, tool calls and
 the end of each protocol's responses, and the error events that end a cut
 stream.
 """
@@ -12,9 +12,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from aiproxy import protocols
+from aiproxy.stream import protocols
 from aiproxy.context import ExchangeContext
-from aiproxy.protocols import (
+from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     BEDROCK_CONVERSE,
     OPENAI_CHAT,
@@ -24,7 +24,7 @@ from aiproxy.protocols import (
     error_event,
     observer_for,
 )
-from aiproxy.sse import SSEDecoder, SSEEvent
+from aiproxy.stream.sse import SSEDecoder, SSEEvent
 
 
 def sse(*events: tuple[str | None, Any]) -> bytes:

@@ -42,7 +42,8 @@ from aiproxy.config import PROXY_PLUGINS, parse_config
 from aiproxy.context import RECORD_KEYS
 from aiproxy.filters import Reject, Replace, Terminate
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory, IFilterPlugin, IRequestFilter
-from aiproxy.routes import RouteTable, build_routes
+from aiproxy.routing.build import build_routes
+from aiproxy.routing.routes import RouteTable
 from aiproxy.schema import load_schema
 from aiproxy.server import GatewayResource, GatewaySite
 from tests.helpers import log_events
@@ -184,7 +185,7 @@ class UpstreamCall:
 
 class FakeUpstreamClient:
     """
-    Stands in for L{aiproxy.upstream.UpstreamClient}: records each request
+    Stands in for L{aiproxy.upstream.client.UpstreamClient}: records each request
     and returns a Deferred the test fires through C{call.deferred}.
 
     Like treq over an Agent once the connection is made, the Deferred the
@@ -1612,7 +1613,7 @@ class BodyFilterTests(SynchronousTestCase):
 
 class AccessRecordTests(SynchronousTestCase):
     """
-    One access record per request with the SPEC section 6 fields.
+    One access record per request with the docs/operations.md fields.
     """
 
     def test_stream_record(self) -> None:

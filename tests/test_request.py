@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_request -*-
 """
-Tests for L{aiproxy.request} and L{aiproxy.providers}: checking the client's
+Tests for L{aiproxy.upstream.request} and L{aiproxy.upstream.providers}: checking the client's
 body, detecting its protocol and building the upstream URL, headers and body
-(SPEC section 3).
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from aiproxy.protocols import (
+from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     BEDROCK_CONVERSE,
     OPENAI_CHAT,
@@ -26,8 +26,8 @@ from aiproxy.protocols import (
     PASSTHROUGH,
     detect_protocol,
 )
-from aiproxy.providers import PROVIDERS, UnsupportedProvider, get_provider
-from aiproxy.request import (
+from aiproxy.upstream.providers import PROVIDERS, UnsupportedProvider, get_provider
+from aiproxy.upstream.request import (
     ClientError,
     Target,
     apply_body_overrides,
@@ -166,12 +166,12 @@ class ParseBodyTests(SynchronousTestCase):
 
 class DetectTests(SynchronousTestCase):
     """
-    Protocol detection, first match wins (SPEC section 3).
+    Protocol detection, first match wins (docs/architecture.md).
     """
 
     def test_table(self) -> None:
         """
-        The SPEC's table, in order.
+        The documented table, in order.
         """
         cases = [
             ("/model/m/converse", {"messages": []}, BEDROCK_CONVERSE),

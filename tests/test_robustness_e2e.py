@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from aiproxy.sse import SSEDecoder
+from aiproxy.stream.sse import SSEDecoder
 from tests.daemon import (
     RawHTTPClient,
     RawResponse,

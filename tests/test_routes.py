@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_routes -*-
 """
-Tests for L{aiproxy.routes}: matching request paths to routes and building
+Tests for L{aiproxy.routing.routes}: matching request paths to routes and building
 routes (targets, upstream clients, filter plugins) from a validated config.
 """
 
@@ -17,9 +17,10 @@ from zope.interface.verify import verifyObject
 
 from aiproxy.config import PROXY_PLUGINS, ConfigError, parse_config
 from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin, IRequestFilter
-from aiproxy.protocols import OPENAI_CHAT, PASSTHROUGH
-from aiproxy.routes import Route, RouteTable, build_routes
+from aiproxy.routing.build import build_routes
+from aiproxy.routing.routes import Route, RouteTable
 from aiproxy.schema import load_schema
+from aiproxy.stream.protocols import OPENAI_CHAT, PASSTHROUGH
 
 
 @implementer(IRequestFilter)
@@ -384,7 +385,7 @@ class BuildRoutesTests(SynchronousTestCase):
 
     def test_upstream_url(self) -> None:
         """
-        An instance's upstream URL follows L{aiproxy.request.upstream_url}:
+        An instance's upstream URL follows L{aiproxy.upstream.request.upstream_url}:
         the same URL whatever the client's path and query, except for
         passthrough, which keeps them.
         """

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
 from aiproxy.context import RECORD_KEYS
-from aiproxy.request import too_large_message
+from aiproxy.upstream.request import too_large_message
 from tests.test_proxy import (
     CHAT,
     ENDPOINT,
@@ -255,7 +255,7 @@ class RoutingTests(SynchronousTestCase):
 
 class RequestErrorTests(SynchronousTestCase):
     """
-    Request bodies refused before any upstream call (SPEC section 3).
+    Request bodies refused before any upstream call (docs/architecture.md).
     """
 
     def answer(self, body: bytes, content_type: bytes | None = b"application/json") -> Any:

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_sse -*-
 """
-Tests for L{aiproxy.sse}.
+Tests for L{aiproxy.stream.sse}.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from aiproxy.sse import SSEDecoder, SSEEvent
+from aiproxy.stream.sse import SSEDecoder, SSEEvent
 from tests.helpers import feed_all, log_events
 
 
@@ -256,7 +256,7 @@ class SSEDecoderTests(SynchronousTestCase):
         L{SSEDecoder.close} drops an incomplete event with a warning giving
         its size, and returns no events.
         """
-        warnings = log_events(self, "aiproxy.sse")
+        warnings = log_events(self, "aiproxy.stream.sse")
         decoder = SSEDecoder()
         decoder.feed(b"data: a\n\ndata: partial")
         self.assertEqual(decoder.close(), [])
@@ -273,7 +273,7 @@ class SSEDecoderTests(SynchronousTestCase):
         L{SSEDecoder.close} after complete events, or after trailing blank
         lines, warns about nothing.
         """
-        warnings = log_events(self, "aiproxy.sse")
+        warnings = log_events(self, "aiproxy.stream.sse")
         for stream in [b"", b"data: a\n\n", b"data: a\n\n\n", b"data: a\r\n\r\n\r\n\r"]:
             decoder = SSEDecoder()
             decoder.feed(stream)
@@ -285,7 +285,7 @@ class SSEDecoderTests(SynchronousTestCase):
         An incomplete event growing beyond C{max_remainder} is dropped with a
         warning, up to its boundary; decoding resumes after it.
         """
-        warnings = log_events(self, "aiproxy.sse")
+        warnings = log_events(self, "aiproxy.stream.sse")
         decoder = SSEDecoder(max_remainder=16)
         self.assertEqual(decoder.feed(b"data: a\n\ndata: 0123456789"), [SSEEvent(b"a")])
         self.assertEqual(warnings, [])
@@ -306,7 +306,7 @@ class SSEDecoderTests(SynchronousTestCase):
         A chunk that leaves more than C{max_remainder} bytes after its last
         event drops them; the next boundary ends the dropped event.
         """
-        warnings = log_events(self, "aiproxy.sse")
+        warnings = log_events(self, "aiproxy.stream.sse")
         decoder = SSEDecoder(max_remainder=8)
         self.assertEqual(decoder.feed(b"data: a\n\ndata: 0123456789"), [SSEEvent(b"a")])
         self.assertEqual(len(warnings), 1)
@@ -317,7 +317,7 @@ class SSEDecoderTests(SynchronousTestCase):
         An event still being dropped at the end of the stream is not warned
         about twice.
         """
-        warnings = log_events(self, "aiproxy.sse")
+        warnings = log_events(self, "aiproxy.stream.sse")
         decoder = SSEDecoder(max_remainder=4)
         decoder.feed(b"data: 0123456789")
         self.assertEqual(decoder.close(), [])

@@ -70,7 +70,7 @@ def one(section: list[tuple[str, str]], key: str) -> str:
 
 class UnitFileTests(SynchronousTestCase):
     """
-    The shipped units say what docs/operations.md and SPEC section 1
+    The shipped units say what docs/operations.md and docs/operations.md
     promise.
     """
 

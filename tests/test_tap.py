@@ -2,7 +2,7 @@
 """
 Tests for L{aiproxy.tap} (the C{twistd aiproxy} options) and
 L{aiproxy.check} (C{aiproxy-check}): invalid configs are refused with one
-C{<json path>: <reason>} line per problem (SPEC section 1).
+C{<json path>: <reason>} line per problem (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aiproxy import check
 from aiproxy.config import Config
-from aiproxy.routes import RouteTable
+from aiproxy.routing.routes import RouteTable
 from aiproxy.tap import DEFAULT_BACKLOG, Options, makeService, with_backlog
 
 VALID = """

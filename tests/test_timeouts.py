@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
 from aiproxy.filters import Replace
-from aiproxy.sse import SSEDecoder
+from aiproxy.stream.sse import SSEDecoder
 from tests.test_proxy import (
     CHAT,
     CHAT_STREAM,

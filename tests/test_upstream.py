@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_upstream -*-
 """
-Tests for L{aiproxy.upstream}: the TLS policy of a route, the request body
+Tests for L{aiproxy.upstream.client}: the TLS policy of a route, the request body
 producer and the upstream client's connection pool. TLS handshakes run
 between two in-memory OpenSSL connections; HTTP goes over a
 L{StringTransport}.
@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface.verify import verifyObject
 
-from aiproxy.upstream import BytesProducer, UpstreamClient, tls_policy
+from aiproxy.upstream.client import BytesProducer, UpstreamClient, tls_policy
 from tests.helpers import certificate, key_pem
 
 CONF = {

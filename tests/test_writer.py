@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_writer -*-
 """
-Tests for L{aiproxy.writer}: the two flush modes of
+Tests for L{aiproxy.exchange.writer}: the two flush modes of
 C{streaming_flush_interval_ms}, driven by a L{Clock}.
 """
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from aiproxy.writer import MAX_PENDING, ImmediateWriter, IntervalWriter, make_writer
+from aiproxy.exchange.writer import MAX_PENDING, ImmediateWriter, IntervalWriter, make_writer
 
 
 class ImmediateWriterTests(SynchronousTestCase):

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiproxy.holdback import PatternError, compile_pattern
 from aiproxy.schema import format_path
-from aiproxy.sse import SSEEvent
+from aiproxy.stream.sse import SSEEvent
 
 __all__ = [
     "META_PROPERTY",

@@ -36,8 +36,8 @@ from aiproxy.builtin._common import dumps, encode_event
 from aiproxy.filters import Replace, Terminate
 from aiproxy.holdback import HoldBackWindow
 from aiproxy.interfaces import IBodyFilter
-from aiproxy.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT
-from aiproxy.sse import SSEDecoder, SSEEvent
+from aiproxy.stream.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT
+from aiproxy.stream.sse import SSEDecoder, SSEEvent
 
 __all__ = ["SUPPORTED_PROTOCOLS", "ProtocolGate", "TextStreamFilter"]
 

@@ -13,7 +13,12 @@ from zope.interface import implementer
 
 from aiproxy.builtin._common import META_PROPERTY
 from aiproxy.interfaces import IFilterPlugin, IRequestFilter
-from aiproxy.protocols import ANTHROPIC_MESSAGES, BEDROCK_CONVERSE, OPENAI_CHAT, OPENAI_RESPONSES
+from aiproxy.stream.protocols import (
+    ANTHROPIC_MESSAGES,
+    BEDROCK_CONVERSE,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+)
 
 __all__ = ["PromptDecorator", "PromptDecoratorPlugin", "decorate"]
 

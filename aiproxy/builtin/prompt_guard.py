@@ -25,7 +25,7 @@ from aiproxy.builtin._common import (
 )
 from aiproxy.filters import Reject
 from aiproxy.interfaces import IFilterPlugin, IRequestFilter
-from aiproxy.protocols import (
+from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     BEDROCK_CONVERSE,
     OPENAI_CHAT,

@@ -30,7 +30,7 @@ from aiproxy.builtin._textstream import ProtocolGate, TextStreamFilter
 from aiproxy.filters import Terminate
 from aiproxy.holdback import HoldBackWindow
 from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin
-from aiproxy.protocols import OPENAI_CHAT
+from aiproxy.stream.protocols import OPENAI_CHAT
 
 __all__ = ["ABORT_REASON", "ResponseGuard", "ResponseGuardFilter", "ResponseGuardPlugin"]
 

@@ -26,7 +26,7 @@ from aiproxy.exchange.relay import (
 )
 from aiproxy.filters import Terminate
 from aiproxy.interfaces import IStreamStage
-from aiproxy.protocols import observer_for
+from aiproxy.stream.protocols import observer_for
 
 __all__ = ["BufferedRelay"]
 

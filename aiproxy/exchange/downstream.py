@@ -21,8 +21,8 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from aiproxy.context import ExchangeContext
+from aiproxy.exchange.writer import ImmediateWriter, IntervalWriter, make_writer
 from aiproxy.interfaces import IDownstream
-from aiproxy.writer import ImmediateWriter, IntervalWriter, make_writer
 
 __all__ = ["CLOSE_GRACE_S", "Downstream"]
 

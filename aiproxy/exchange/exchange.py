@@ -28,7 +28,6 @@ from zope.interface import implementer
 
 from aiproxy.accesslog import log_access
 from aiproxy.context import ExchangeContext
-from aiproxy.eventstream import EventStreamDecoder
 from aiproxy.exchange.buffered import BufferedRelay
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.exchange.downstream import Downstream
@@ -37,11 +36,15 @@ from aiproxy.exchange.failover import HELD_FAILURE_STATUS, Attempt, Failover
 from aiproxy.exchange.held import HeldFailure, HeldRelay
 from aiproxy.exchange.record import Timings, exchange_record
 from aiproxy.exchange.relay import Complete, Cut, Failed, Outcome, StreamRelay, TimedStreamRelay
-from aiproxy.failures import classify
 from aiproxy.filters import Reject, Terminate, open_chain
 from aiproxy.interfaces import IExchange, IExchangeMonitor, IRelay, IStreamStage
-from aiproxy.protocols import NULL_OBSERVER, PASSTHROUGH, error_event, observer_for
-from aiproxy.request import (
+from aiproxy.routing.routes import Instance, Route
+from aiproxy.stream.eventstream import EventStreamDecoder
+from aiproxy.stream.protocols import NULL_OBSERVER, PASSTHROUGH, error_event, observer_for
+from aiproxy.stream.sse import SSEDecoder
+from aiproxy.upstream.client import DiscardBody
+from aiproxy.upstream.failures import classify
+from aiproxy.upstream.request import (
     ClientError,
     apply_body_overrides,
     check_content_type,
@@ -50,9 +53,6 @@ from aiproxy.request import (
     too_large_message,
     upstream_headers,
 )
-from aiproxy.routes import Instance, Route
-from aiproxy.sse import SSEDecoder
-from aiproxy.upstream import DiscardBody
 
 __all__ = ["Exchange", "Phase"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from aiproxy.balancer import Selection
-from aiproxy.routes import Instance, Route
+from aiproxy.routing.balancer import Selection
+from aiproxy.routing.routes import Instance, Route
 
 __all__ = ["HELD_FAILURE_STATUS", "Attempt", "Failover"]
 

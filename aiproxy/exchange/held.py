@@ -22,8 +22,8 @@ from zope.interface import implementer
 
 from aiproxy.exchange.relay import RELAY_BUG, StreamRelay, TimedStreamRelay, clean_end
 from aiproxy.interfaces import IRelay, IStreamStage
-from aiproxy.protocols import PASSTHROUGH, STREAM_CONTENT, STREAM_ERROR, stream_signal
-from aiproxy.sse import SSEDecoder
+from aiproxy.stream.protocols import PASSTHROUGH, STREAM_CONTENT, STREAM_ERROR, stream_signal
+from aiproxy.stream.sse import SSEDecoder
 
 __all__ = ["HeldFailure", "HeldRelay"]
 

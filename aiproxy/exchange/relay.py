@@ -30,8 +30,8 @@ from aiproxy.context import ExchangeContext
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.filters import Terminate
 from aiproxy.interfaces import IRelay, IStreamStage
-from aiproxy.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES
-from aiproxy.sse import SSEDecoder
+from aiproxy.stream.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES
+from aiproxy.stream.sse import SSEDecoder
 
 __all__ = [
     "BODY_FAILED",

@@ -41,7 +41,7 @@ PASSTHROUGH = "passthrough"
 
 def detect_protocol(path: str, body: Mapping[str, Any]) -> str | None:
     """
-    The client protocol of a request, first match wins (SPEC section 3).
+    The client protocol of a request, first match wins (docs/architecture.md).
 
     @param path: the request path, without the query.
     @param body: the parsed JSON object.

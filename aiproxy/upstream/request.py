@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_request -*-
 """
-The request path (SPEC section 3): checking the client's body, detecting its
+The request path (docs/architecture.md): checking the client's body, detecting its
 protocol, and building the upstream URL, headers and body.
 
 Everything here is a pure function of the client request and the route's
@@ -20,8 +20,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.web.http_headers import Headers
 
-from aiproxy.protocols import OPENAI_CHAT, PASSTHROUGH, detect_protocol
-from aiproxy.providers import Provider
+from aiproxy.stream.protocols import OPENAI_CHAT, PASSTHROUGH, detect_protocol
+from aiproxy.upstream.providers import Provider
 
 __all__ = [
     "ClientError",

@@ -38,7 +38,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from aiproxy.interfaces import IHealthProbe
-from aiproxy.upstream import DiscardBody, tls_policy
+from aiproxy.upstream.client import DiscardBody, tls_policy
 
 __all__ = ["HTTPProbe", "HealthChecker", "HealthService", "ProbeTarget", "parse_header_lines"]
 

@@ -30,25 +30,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
+from aiproxy.tcp import set_no_delay
+
 if TYPE_CHECKING:
     # treq's name for what its Agent needs of a reactor: TCP, time and name
     # resolution.
     from treq._types import _ITreqReactor
 
-__all__ = ["BytesProducer", "DiscardBody", "UpstreamClient", "set_no_delay", "tls_policy"]
-
-
-def set_no_delay(transport: Any) -> None:
-    """
-    Turn Nagle's algorithm off on a TCP transport (small writes go out at
-    once); other transports are left alone.
-    """
-    set_tcp_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_tcp_no_delay is not None:
-        try:
-            set_tcp_no_delay(True)
-        except OSError:
-            pass
+__all__ = ["BytesProducer", "DiscardBody", "UpstreamClient", "tls_policy"]
 
 
 class DiscardBody(Protocol):

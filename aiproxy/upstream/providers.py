@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aiproxy.protocols import (
+from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     OPENAI_CHAT,
     OPENAI_EMBEDDINGS,
