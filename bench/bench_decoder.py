@@ -26,7 +26,7 @@ from openai._streaming import SSEDecoder as OpenAIDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiproxy.sse import SSEDecoder, SSEEvent  # noqa: E402
+from aiproxy.stream.sse import SSEDecoder, SSEEvent  # noqa: E402
 
 __all__ = ["build_corpus", "main", "split_chunks"]
 
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrong events from: {', '.join(wrong)}", file=sys.stderr)
         return 1
     runs: list[tuple[str, Callable[[], object]]] = [
-        ("aiproxy.sse.SSEDecoder", partial(decode_aiproxy, chunks)),
+        ("aiproxy.stream.sse.SSEDecoder", partial(decode_aiproxy, chunks)),
         ("openai SSEDecoder", partial(decode_openai, chunks)),
     ]
     runs.append(("json.loads per event (reference)", partial(run_json, expected[:-1])))

@@ -12,8 +12,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from aiproxy.stream import protocols
 from aiproxy.context import ExchangeContext
+from aiproxy.stream import protocols
 from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     BEDROCK_CONVERSE,
