@@ -12,14 +12,18 @@ paused the upstream read: a paused upstream is not a silent one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["ATTEMPT_TIMERS", "Deadlines"]
+__all__ = ["ATTEMPT_TIMERS", "Deadlines", "Expired"]
 
 #: The timers of one upstream attempt (the others run for the whole request).
 ATTEMPT_TIMERS = ("read", "idle", "first_token", "commit")
+
+#: What is told when a limit expired: its reason, status and message.
+Expired = Callable[[str, int, str], object]
 
 
 class Deadlines:
@@ -32,18 +36,123 @@ class Deadlines:
         (comments do not count).
     """
 
-    __slots__ = ("_clock", "_paused", "_timers", "last_chunk", "last_data")
+    __slots__ = (
+        "_clock",
+        "_conf",
+        "_paused",
+        "_attempt_expired",
+        "_request_expired",
+        "_timers",
+        "last_chunk",
+        "last_data",
+    )
 
-    def __init__(self, clock: IReactorTime, paused: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        conf: Mapping[str, Any],
+        paused: Callable[[], bool],
+        attempt_expired: Expired,
+        request_expired: Expired,
+    ) -> None:
         """
+        @param conf: the route's C{ai-proxy} config (the limits).
         @param paused: whether the client's connection pauses the upstream
             read now.
+        @param attempt_expired: told when an attempt's limit expired (the
+            request may fall back).
+        @param request_expired: told when the request's limit expired.
         """
         self._clock = clock
+        self._conf = conf
         self._paused = paused
+        self._attempt_expired = attempt_expired
+        self._request_expired = request_expired
         self._timers: dict[str, IDelayedCall] = {}
         self.last_chunk = 0.0
         self.last_data = 0.0
+
+    # -- the limits of a request and its attempts ---------------------------
+
+    def arm_duration(self, started: float, stream: bool) -> None:
+        """
+        Enforce C{max_stream_duration_ms} from the request's start, by a
+        timer (so a silent upstream is cut too); streams only, once.
+        """
+        limit = self._conf.get("max_stream_duration_ms")
+        if limit is None or not stream:
+            return
+        remaining = started + limit / 1000.0 - self._clock.seconds()
+        self.arm_once(
+            "duration",
+            max(remaining, 0.0),
+            lambda: self._request_expired(
+                "max_stream_duration_ms", 504, "max_stream_duration_ms exceeded"
+            ),
+        )
+
+    def arm_waiting(self, stream: bool, keepalive: Callable[[], object]) -> None:
+        """
+        While no event has come from the attempt's upstream:
+        C{first_token_timeout_ms} ends the wait (from the attempt's start);
+        and until an upstream's first body byte,
+        C{keepalive_comment_interval_ms} calls C{keepalive} for a streaming
+        client (an SSE comment that keeps the connection through
+        idle-timeout hops; it commits a 200 event stream, so no fallback
+        follows it).
+        """
+        first_token = self._conf.get("first_token_timeout_ms")
+        if first_token is not None:
+            self.arm(
+                "first_token",
+                first_token / 1000.0,
+                lambda: self._attempt_expired(
+                    "first_token_timeout_ms", 504, "first_token_timeout_ms exceeded"
+                ),
+            )
+        if stream and not self.active("keepalive"):
+            self.arm_keepalive(keepalive)
+
+    def arm_keepalive(self, keepalive: Callable[[], object]) -> None:
+        """
+        Call C{keepalive} every C{keepalive_comment_interval_ms}, if set,
+        until the timer is cancelled (by the upstream's first byte or
+        event, or the end of the request).
+        """
+        interval = self._conf.get("keepalive_comment_interval_ms")
+        if interval is None:
+            return
+
+        def tick() -> None:
+            keepalive()
+            self.arm("keepalive", interval / 1000.0, tick)
+
+        self.arm("keepalive", interval / 1000.0, tick)
+
+    def arm_reads(self, stream: bool) -> None:
+        """
+        The upstream body began: C{timeout} between two reads and, for a
+        stream, C{stream_idle_timeout_ms} between two events.
+        """
+        self.touch()
+        self.arm_silence(
+            "read",
+            self._conf["timeout"],
+            lambda: self.last_chunk,
+            lambda: self._attempt_expired("timeout", 504, "upstream read timed out"),
+        )
+        idle = self._conf.get("stream_idle_timeout_ms")
+        if idle is not None and stream:
+            self.arm_silence(
+                "idle",
+                idle,
+                lambda: self.last_data,
+                lambda: self._attempt_expired(
+                    "stream_idle_timeout_ms", 504, "stream_idle_timeout_ms exceeded"
+                ),
+            )
+
+    # -- timers ---------------------------------------------------------------
 
     def touch(self) -> None:
         """

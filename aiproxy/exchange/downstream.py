@@ -178,8 +178,8 @@ class Downstream:
         elif not self._context.output_started:
             self._commit()
         request = self._request
-        request.unregisterProducer()
         if not request._disconnected:
+            request.unregisterProducer()
             request.finish()
 
     def cut(self, tail: bytes) -> None:
@@ -193,8 +193,8 @@ class Downstream:
         if tail:
             self.send(tail)
         request = self._request
-        request.unregisterProducer()
         if not request._disconnected:
+            request.unregisterProducer()
             channel = request.channel
             channel.loseConnection()
             # loseConnection waits until the client read everything written;

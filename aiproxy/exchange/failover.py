@@ -67,15 +67,13 @@ class Failover:
     @ivar exhausted: every instance the request could go to was tried.
     """
 
-    def __init__(self, route: Route, selection: Selection[Instance], now: Callable[[], float]):
+    def __init__(self, route: Route, now: Callable[[], float]) -> None:
         """
-        @param selection: the request's instance order (priority, weights,
-            health), consumed one instance per attempt.
         @param now: the clock's C{seconds}.
         """
         self._policy = route.fallback
         self._several = len(route.instances) > 1
-        self._selection = selection
+        self._selection: Selection[Instance] | None = None
         self._now = now
         self._retries = 0
         self.attempts: list[Attempt] = []
@@ -88,12 +86,16 @@ class Failover:
         """
         return self.attempts[-1] if self.attempts else None
 
-    def first(self) -> Instance | None:
+    def first(self, selection: Selection[Instance]) -> Instance | None:
         """
         The instance of the first attempt, or L{None} when every instance
         serving the request is out of use.
+
+        @param selection: the request's instance order (priority, weights,
+            health), consumed one instance per attempt.
         """
-        return self._selection.next()
+        self._selection = selection
+        return selection.next()
 
     def begin(self, instance: Instance) -> Attempt:
         """
@@ -141,7 +143,10 @@ class Failover:
         retry; sets L{exhausted} when no instance is left.
         """
         attempt = self.current
-        if attempt is None or not self._several or not self._policy.allows(status):
+        selection = self._selection
+        if attempt is None or selection is None or not self._several:
+            return None
+        if not self._policy.allows(status):
             return None
         policy = self._policy
         elapsed = _ms(self._now() - attempt.started)
@@ -162,7 +167,7 @@ class Failover:
                     max_retries=policy.max_retries,
                 )
                 return None
-        instance = self._selection.next()
+        instance = selection.next()
         if instance is None:
             self.exhausted = True
             log.warn(

@@ -51,13 +51,10 @@ class HeldRelay(Protocol):
         its first content (then C{done} has not fired).
     """
 
-    def __init__(
-        self, stream: StreamRelay, released: Callable[[], Sequence[IStreamStage] | None]
-    ) -> None:
+    def __init__(self, stream: StreamRelay, released: Callable[[], Sequence[IStreamStage]]) -> None:
         """
         @param released: called when the stream is released, before what
-            was held is relayed: returns the stream stages to relay through,
-            or L{None} to stop.
+            was held is relayed: returns the stream stages to relay through.
         """
         self._stream = stream
         self._released = released
@@ -108,10 +105,12 @@ class HeldRelay(Protocol):
         if held is None or stream.over:
             return
         self._held = None
-        stages = self._released()
-        if stages is None:
+        try:
+            stream.open(self._released())
+        except Exception:
+            log.failure("starting the body filters failed")
+            stream.end(RELAY_BUG)
             return
-        stream.open(stages)
         for chunk in held:
             stream.relay_chunk(chunk)
             if stream.over:

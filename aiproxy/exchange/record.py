@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiproxy.accesslog import log_access
 from aiproxy.context import ExchangeContext
 
-__all__ = ["Timings", "exchange_record", "llm_logging_fields", "refusal_record"]
+__all__ = ["Timings", "llm_logging_fields", "log_record", "refusal_record"]
 
 #: The request body keys C{logging.payloads} records.
 _LOGGED_REQUEST_KEYS = ("model", "system", "messages", "input", "prompt", "stream")
@@ -38,6 +39,14 @@ class Timings:
     sent: float | None = None
     first_chunk: float | None = None
     first_output: float | None = None
+
+    def attempt_sent(self, at: float) -> None:
+        """
+        An upstream attempt was sent C{at}.
+        """
+        if self.first_sent is None:
+            self.first_sent = at
+        self.sent = at
 
 
 def llm_logging_fields(
@@ -67,20 +76,23 @@ def llm_logging_fields(
     return fields
 
 
-def exchange_record(
+def log_record(
     context: ExchangeContext,
     attempts: list[dict[str, Any]],
     logging: Mapping[str, Any] | None,
     now: float,
 ) -> dict[str, Any]:
     """
-    The access record of a proxied request: the context's figures, its
-    upstream C{attempts} and the route's C{logging} extras.
+    Write the access record of a proxied request: the context's figures,
+    its upstream C{attempts} and the route's C{logging} extras.
+
+    @return: the record.
     """
     record = context.record()
     record["attempts"] = attempts
     if logging:
         record.update(llm_logging_fields(context, logging, int((now - context.started) * 1000)))
+    log_access(record)
     return record
 
 

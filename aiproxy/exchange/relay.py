@@ -175,7 +175,6 @@ class Relay(Protocol):
         if self.over:
             transport.stopProducing()
             return
-        self.deadlines.touch()
         self._on_start(transport)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

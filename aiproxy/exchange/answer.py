@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The upstream's answer as the client gets it: which of its headers are
+relayed, whether its body is a stream, and the relay that fits it (a
+stream's decoder and protocol observer, its flush writer and stages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+
+from aiproxy.context import ExchangeContext
+from aiproxy.exchange.buffered import BufferedRelay
+from aiproxy.exchange.deadlines import Deadlines
+from aiproxy.exchange.downstream import Downstream
+from aiproxy.exchange.record import Timings
+from aiproxy.exchange.relay import StreamRelay, TimedStreamRelay
+from aiproxy.filters import open_chain
+from aiproxy.interfaces import IBodyFilterFactory, IStreamStage
+from aiproxy.stream.eventstream import EventStreamDecoder
+from aiproxy.stream.protocols import NULL_OBSERVER, PASSTHROUGH, observer_for
+from aiproxy.stream.sse import SSEDecoder
+
+__all__ = ["EVENTSTREAM", "SSE", "Relays", "relayed_head"]
+
+#: Upstream response headers relayed to the client besides its content type.
+_RELAYED_HEADERS = (b"x-request-id", b"request-id", b"retry-after", b"retry-after-ms")
+_RELAYED_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"ratelimit")
+
+#: The two stream framings, by content type.
+SSE = b"text/event-stream"
+EVENTSTREAM = b"application/vnd.amazon.eventstream"
+
+Headers = list[tuple[bytes, list[bytes]]]
+
+#: The monitor was not asked yet whether it wants stream timings.
+_UNASKED: Any = object()
+
+
+def relayed_head(response: Any) -> tuple[Headers, bytes | None]:
+    """
+    The headers of an upstream response that the client gets, and its
+    stream framing (L{SSE} or L{EVENTSTREAM}; L{None} for a whole body:
+    an error status, or any other content type).
+    """
+    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+    headers = [(b"content-type", [content_type])] if content_type else []
+    for name, values in response.headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _RELAYED_HEADERS or lower.startswith(_RELAYED_PREFIXES):
+            headers.append((name, values))
+    lower_type = content_type.lower()
+    framing = None
+    if response.code < 300:
+        framing = next((f for f in (SSE, EVENTSTREAM) if lower_type.startswith(f)), None)
+    if framing is not None:
+        headers += [(b"cache-control", [b"no-cache"]), (b"x-accel-buffering", [b"no"])]
+    return headers, framing
+
+
+class Relays:
+    """
+    Makes the relays of one exchange's attempts, over its downstream,
+    deadlines and stream stages.
+    """
+
+    def __init__(
+        self,
+        context: ExchangeContext,
+        clock: IReactorTime,
+        conf: Mapping[str, Any],
+        deadlines: Deadlines,
+        downstream: Downstream,
+        body_filters: Sequence[IBodyFilterFactory],
+        stream_started: Callable[[], Callable[[float], None] | None],
+    ) -> None:
+        """
+        @param stream_started: tells the monitor that a stream began (asked
+            once, at the first stream): returns the function to call with
+            each chunk gap, or L{None} when nobody wants them.
+        """
+        self._context = context
+        self._clock = clock
+        self._conf = conf
+        self._deadlines = deadlines
+        self._downstream = downstream
+        self._body_filters = body_filters
+        self._stages: Sequence[IStreamStage] | None = None
+        self._stream_started = stream_started
+        self._observe_gap: Callable[[float], None] | None = _UNASKED
+
+    def stages(self) -> Sequence[IStreamStage]:
+        """
+        The stream stages of the response that reaches the client: its body
+        filter chain, opened once (an attempt given up before output fed
+        them nothing).
+        """
+        stages = self._stages
+        if stages is None:
+            context = self._context
+            chain = open_chain(self._body_filters, context)
+            stages = self._stages = () if chain is None else (chain,)
+            context.wants_text = chain is not None or bool(
+                (self._conf.get("logging") or {}).get("payloads")
+            )
+        return stages
+
+    def _started(self, transport: IPushProducer, stream: bool) -> None:
+        """
+        An upstream body transfer began: the client's connection now paces
+        it, and reads are timed.
+        """
+        self._downstream.pace(transport, self._deadlines.touch)
+        self._deadlines.arm_reads(stream)
+
+    def stream(self, framing: bytes, timings: Timings) -> StreamRelay:
+        """
+        The relay of a stream in C{framing} (its stages not open yet),
+        writing through a new flush writer; timed (into C{timings}) when the
+        monitor wants the chunk gaps.
+        """
+        if self._observe_gap is _UNASKED:
+            self._observe_gap = self._stream_started()
+        observe_gap = self._observe_gap
+        context = self._context
+        conf = self._conf
+        decoder: Any
+        if framing == EVENTSTREAM:
+            decoder = EventStreamDecoder()
+            observer: Any = NULL_OBSERVER
+            # Binary framing has no comments: every chunk is activity.
+            idle_counts_all = True
+        else:
+            decoder = SSEDecoder()
+            observer = observer_for(context.protocol or PASSTHROUGH)
+            idle_counts_all = bool(conf.get("stream_idle_timeout_counts_comments"))
+        args = (
+            context,
+            self._clock,
+            self._deadlines,
+            conf.get("max_response_bytes"),
+            lambda transport: self._started(transport, True),
+            decoder,
+            observer,
+            self._downstream.start_stream(conf["streaming_flush_interval_ms"]),
+            idle_counts_all,
+        )
+        if observe_gap is None:
+            return StreamRelay(*args)
+        return TimedStreamRelay(*args, timings=timings, observe_gap=observe_gap)
+
+    def buffered(self, status: int, length: object) -> BufferedRelay | None:
+        """
+        The relay of a whole body answered with C{status}, or L{None} when
+        its declared C{length} is over C{max_response_bytes}.
+        """
+        limit = self._conf.get("max_response_bytes")
+        # A body without Content-Length has the length UNKNOWN_LENGTH, a str.
+        if limit is not None and isinstance(length, int) and length > limit:
+            return None
+        return BufferedRelay(
+            self._context,
+            self._clock,
+            self._deadlines,
+            self._conf.get("max_response_bytes"),
+            lambda transport: self._started(transport, False),
+            status,
+            self.stages,
+        )
