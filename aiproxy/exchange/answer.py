@@ -17,7 +17,7 @@ from aiproxy.exchange.buffered import BufferedRelay
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.exchange.downstream import Downstream
 from aiproxy.exchange.record import Timings
-from aiproxy.exchange.relay import StreamRelay, TimedStreamRelay
+from aiproxy.exchange.relay import Basis, StreamRelay, TimedStreamRelay
 from aiproxy.filters import open_chain
 from aiproxy.interfaces import IBodyFilterFactory, IStreamStage
 from aiproxy.stream.eventstream import EventStreamDecoder
@@ -108,6 +108,18 @@ class Relays:
             )
         return stages
 
+    def _basis(self, stream: bool) -> Basis:
+        """
+        The basis of a relay (of a stream, or of a whole body).
+        """
+        return Basis(
+            self._context,
+            self._clock,
+            self._deadlines,
+            self._conf.get("max_response_bytes"),
+            lambda transport: self._started(transport, stream),
+        )
+
     def _started(self, transport: IPushProducer, stream: bool) -> None:
         """
         An upstream body transfer began: the client's connection now paces
@@ -138,11 +150,7 @@ class Relays:
             observer = observer_for(context.protocol or PASSTHROUGH)
             idle_counts_all = bool(conf.get("stream_idle_timeout_counts_comments"))
         args = (
-            context,
-            self._clock,
-            self._deadlines,
-            conf.get("max_response_bytes"),
-            lambda transport: self._started(transport, True),
+            self._basis(True),
             decoder,
             observer,
             self._downstream.start_stream(conf["streaming_flush_interval_ms"]),
@@ -161,12 +169,4 @@ class Relays:
         # A body without Content-Length has the length UNKNOWN_LENGTH, a str.
         if limit is not None and isinstance(length, int) and length > limit:
             return None
-        return BufferedRelay(
-            self._context,
-            self._clock,
-            self._deadlines,
-            self._conf.get("max_response_bytes"),
-            lambda transport: self._started(transport, False),
-            status,
-            self.stages,
-        )
+        return BufferedRelay(self._basis(False), status, self.stages)

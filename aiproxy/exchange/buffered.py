@@ -9,15 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 
-from aiproxy.context import ExchangeContext
-from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.exchange.errors import upstream_error_message
 from aiproxy.exchange.relay import (
     BODY_FAILED,
     MAX_RESPONSE_BYTES,
+    Basis,
     Complete,
     Cut,
     Relay,
@@ -38,14 +36,7 @@ class BufferedRelay(Relay):
     """
 
     def __init__(
-        self,
-        context: ExchangeContext,
-        clock: IReactorTime,
-        deadlines: Deadlines,
-        limit: int | None,
-        on_start: Callable[[IPushProducer], None],
-        status: int,
-        open_stages: Callable[[], Sequence[IStreamStage]],
+        self, basis: Basis, status: int, open_stages: Callable[[], Sequence[IStreamStage]]
     ) -> None:
         """
         @param status: the status the client gets: a body is observed and
@@ -53,7 +44,7 @@ class BufferedRelay(Relay):
         @param open_stages: the stream stages of the response (opened on
             the first call).
         """
-        super().__init__(context, clock, deadlines, limit, on_start)
+        super().__init__(basis)
         self._status = status
         self._open_stages = open_stages
         self._parts: list[bytes] = []

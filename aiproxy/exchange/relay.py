@@ -35,6 +35,7 @@ from aiproxy.stream.sse import SSEDecoder
 
 __all__ = [
     "BODY_FAILED",
+    "Basis",
     "COMPLETE",
     "RELAY_BUG",
     "Cut",
@@ -141,27 +142,36 @@ def finish_stages(stages: Sequence[IStreamStage], context: ExchangeContext) -> b
     return tail
 
 
+@dataclass(frozen=True, slots=True)
+class Basis:
+    """
+    What every relay of an exchange works with.
+
+    @ivar limit: C{max_response_bytes}.
+    @ivar on_start: told when the body starts (the client's connection
+        paces it, reads are timed).
+    """
+
+    context: ExchangeContext
+    clock: IReactorTime
+    deadlines: Deadlines
+    limit: int | None
+    on_start: Callable[[IPushProducer], None]
+
+
 @implementer(IRelay)
 class Relay(Protocol):
     """
-    What every relay shares: the start of the body (handed to C{on_start}:
-    the client's connection paces it, reads are timed), C{stop()}, the
-    byte limit and C{done}.
+    What every relay shares: the start of the body (handed to its basis'
+    C{on_start}), C{stop()}, the byte limit and C{done}.
     """
 
-    def __init__(
-        self,
-        context: ExchangeContext,
-        clock: IReactorTime,
-        deadlines: Deadlines,
-        limit: int | None,
-        on_start: Callable[[IPushProducer], None],
-    ) -> None:
-        self.context = context
-        self.clock = clock
-        self.deadlines = deadlines
-        self.limit = limit
-        self._on_start = on_start
+    def __init__(self, basis: Basis) -> None:
+        self.context = basis.context
+        self.clock = basis.clock
+        self.deadlines = basis.deadlines
+        self.limit = basis.limit
+        self._on_start = basis.on_start
         self.done: Deferred[Outcome] = Deferred()
         #: The body ended, or the relay was stopped: nothing more is done.
         self.over = False
@@ -229,11 +239,7 @@ class StreamRelay(Relay):
 
     def __init__(
         self,
-        context: ExchangeContext,
-        clock: IReactorTime,
-        deadlines: Deadlines,
-        limit: int | None,
-        on_start: Callable[[IPushProducer], None],
+        basis: Basis,
         decoder: Any,
         observer: Any,
         write: Callable[[bytes], None],
@@ -247,7 +253,7 @@ class StreamRelay(Relay):
         @param idle_counts_all: every chunk restarts
             C{stream_idle_timeout_ms}, comments included.
         """
-        super().__init__(context, clock, deadlines, limit, on_start)
+        super().__init__(basis)
         self.decoder = decoder
         self._observer = observer
         self._write = write
