@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -36,6 +36,9 @@ from aiproxy.config import Config, ConfigError, load_config
 from aiproxy.monitor import ExchangeMonitor
 from aiproxy.routing.build import build_routes
 from aiproxy.routing.routes import RouteTable
+
+if TYPE_CHECKING:
+    from aiproxy.server import GatewaySite
 
 __all__ = ["DrainService", "ReloadService", "SHUTDOWN_REASON"]
 
@@ -191,13 +194,13 @@ class DrainService(_SignalHandling, Service):
         monitor: ExchangeMonitor,
         reactor: Any,
         grace_s: float,
-        site: Any = None,
+        site: GatewaySite | None = None,
         install_signal: bool = False,
         flush_timeout_s: float = FLUSH_TIMEOUT_S,
     ) -> None:
         """
         @param reactor: stopped on C{SIGTERM}; its clock times the drain.
-        @param site: the L{aiproxy.server.GatewaySite} whose C{connections}
+        @param site: the L{aiproxy.server.GatewaySite} whose connections
             are closed once idle.
         @param install_signal: handle C{SIGTERM} once the reactor runs.
         """
@@ -283,35 +286,16 @@ class DrainService(_SignalHandling, Service):
             count=count,
         )
 
-    def _open_channels(self) -> list[Any]:
+    def _close_idle(self, first: bool = False) -> int:
         """
-        The HTTP channels of the site's connections still open.
-        """
-        connections = getattr(self.site, "connections", None)
-        if not connections:
-            return []
-        channels = []
-        for protocol in list(connections):
-            channel = getattr(protocol, "_channel", protocol)
-            transport = getattr(channel, "transport", None)
-            if transport is not None and not getattr(transport, "disconnected", False):
-                channels.append(channel)
-        return channels
+        Close the site's idle client connections (on the first call, make
+        every other one close after its current response).
 
-    def _close_idle(self, first: bool = False) -> list[Any]:
+        @return: how many are still open.
         """
-        Make every connection close after its current response, and close
-        those with no request now.
-
-        @return: the channels still open.
-        """
-        channels = self._open_channels()
-        for channel in channels:
-            if first:
-                channel.persistent = False
-            if not getattr(channel, "requests", None):
-                channel.transport.loseConnection()
-        return channels
+        if self.site is None:
+            return 0
+        return self.site.close_idle(first)
 
     async def _connections_closed(self) -> None:
         """
@@ -324,7 +308,7 @@ class DrainService(_SignalHandling, Service):
             if self._reactor.seconds() >= deadline:
                 log.warn(
                     "{count} client connection(s) still open at exit",
-                    count=len(self._open_channels()),
+                    count=self._close_idle(),
                 )
                 return
             await _sleep(self._reactor, _POLL_S)

@@ -322,6 +322,27 @@ class GatewaySite(Site):
             self.connections.add(protocol)
         return protocol
 
+    def close_idle(self, after_response: bool) -> int:
+        """
+        Close the client connections that have no request in progress; with
+        C{after_response}, make the others close once their current
+        response is complete (no more keep-alive).
+
+        @return: how many connections are still open.
+        """
+        still = 0
+        for protocol in list(self.connections):
+            channel = getattr(protocol, "_channel", protocol)
+            transport = getattr(channel, "transport", None)
+            if transport is None or getattr(transport, "disconnected", False):
+                continue
+            still += 1
+            if after_response:
+                channel.persistent = False
+            if not getattr(channel, "requests", None):
+                transport.loseConnection()
+        return still
+
     def log(self, request: http.Request) -> None:
         """
         Access records come from L{aiproxy.accesslog}, not from here.

@@ -220,7 +220,8 @@ class Downstream:
         """
         if self._pacer is not None:
             self._pacer = None
-            self._request.unregisterProducer()
+            if not self._request._disconnected:
+                self._request.unregisterProducer()
 
     @property
     def paused(self) -> bool:
