@@ -555,7 +555,7 @@ class AccessRecordTests(SynchronousTestCase):
                 "prompt_tokens": 7,
                 "completion_tokens": 3,
                 "total_tokens": 10,
-                "upstream_response_time": 0,
+                "upstream_response_time": 250,
                 "stream": True,
             },
         )

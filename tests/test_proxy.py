@@ -1640,7 +1640,8 @@ class AccessRecordTests(SynchronousTestCase):
         # As APISIX: the model sent upstream, not the one the stream names.
         self.assertEqual(record["llm_model"], "gpt-test")
         self.assertEqual(record["llm_time_to_first_token"], 300)
-        self.assertEqual(record["upstream_response_time"], 100)
+        # APISIX's $upstream_response_time: until the upstream's answer ended.
+        self.assertEqual(record["upstream_response_time"], 800)
         self.assertEqual(
             (record["prompt_tokens"], record["completion_tokens"], record["total_tokens"]),
             (7, 3, 10),
@@ -1682,7 +1683,7 @@ class AccessRecordTests(SynchronousTestCase):
         self.assertEqual(record["request_type"], "ai_chat")
         self.assertEqual(record["request_llm_model"], "gpt-test")
         self.assertEqual(record["llm_time_to_first_token"], 100)
-        self.assertEqual(record["upstream_response_time"], 50)
+        self.assertEqual(record["upstream_response_time"], 100)
         self.assertEqual(record["total_tokens"], 25)
         self.assertEqual(record["cache_read_input_tokens"], 4)
         self.assertEqual(record["reasoning_tokens"], 2)

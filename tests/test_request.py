@@ -315,6 +315,24 @@ class BodyOverrideTests(SynchronousTestCase):
             self.assertEqual(body[field], 100, (provider, protocol))
             self.assertEqual([k for k in body if "max" in k], [field], (provider, protocol))
 
+    def test_max_tokens_replaces_client_max_tokens(self) -> None:
+        """
+        Where the provider's field is C{max_completion_tokens} (openai,
+        gemini), the configured limit also removes a client C{max_tokens}:
+        OpenAI refuses a body carrying both, as APISIX knows.
+        """
+        for provider in ("openai", "gemini"):
+            body = {"messages": [], "max_tokens": 5}
+            self.assertTrue(
+                self.apply(
+                    body, OPENAI_CHAT, provider, override={"llm_options": {"max_tokens": 100}}
+                )
+            )
+            self.assertEqual(body, {"messages": [], "max_completion_tokens": 100}, provider)
+        body = {"messages": [], "max_tokens": 5}
+        self.apply(body, OPENAI_CHAT, "deepseek", override={"llm_options": {"max_tokens": 100}})
+        self.assertEqual(body, {"messages": [], "max_tokens": 100})
+
     def test_max_tokens_ignored(self) -> None:
         """
         A protocol without a C{max_tokens} field (embeddings, passthrough)

@@ -206,8 +206,7 @@ class Exchange:
         if attempt.ended is not None or self.phase in OVER:
             return
         self._upstream_d = None
-        context = self.context
-        context.upstream_response_time_ms = _ms(self.clock.seconds() - context.started)
+        self._upstream_ended()
         self._attempt_failed(*classify(failure))
 
     # -- the answer -------------------------------------------------------------
@@ -221,8 +220,6 @@ class Exchange:
             response.deliverBody(DiscardBody())
             return
         self._upstream_d = None
-        context = self.context
-        context.upstream_response_time_ms = _ms(self.clock.seconds() - context.started)
         attempt.status = code = response.code
         if code >= 400:
             instance = None if self.context.output_started else self.failover.next(code)
@@ -318,6 +315,7 @@ class Exchange:
         """
         if self.phase in OVER:
             return
+        self._upstream_ended()
         if isinstance(outcome, Complete):
             if self.phase is Phase.COLLECTING:
                 self._answer(outcome.body)
@@ -358,6 +356,8 @@ class Exchange:
         Abort the current upstream transfer: cancel the request before its
         response, or stop reading the body.
         """
+        if self.context.upstream_response_time_ms is None:
+            self._upstream_ended()
         if self._upstream_d is not None:
             # Not guarded by d.called: once connected, treq's Deferred has fired and
             # waits on the Agent's, and cancel() forwards to it (closing the connection).
@@ -366,6 +366,14 @@ class Exchange:
         if self._relay is not None:
             relay, self._relay = self._relay, None
             relay.stop()
+
+    def _upstream_ended(self) -> None:
+        """
+        The upstream's answer ended now (whole, cut, or failed): APISIX's
+        C{$upstream_response_time}.
+        """
+        context = self.context
+        context.upstream_response_time_ms = _ms(self.clock.seconds() - context.started)
 
     def _end_early(self, reason: str, status: int, message: str) -> None:
         """

@@ -65,13 +65,16 @@ _CLIENT_CREDENTIALS = frozenset({b"authorization", b"cookie", b"x-api-key", b"ap
 
 class ClientError(Exception):
     """
-    The client's request is refused: C{status} with a JSON C{message}.
+    The client's request is refused: C{status} with a JSON body,
+    C{{"message": message}} unless C{document} gives another (as
+    APISIX's C{{"error_msg": ...}}).
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, document: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.document = document
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,9 @@ def _set(body: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
 def apply_body_overrides(body: dict[str, Any], protocol: str, target: Target) -> bool:
     """
     Apply the route's body changes in order: C{options} (flat overwrite),
-    C{override.llm_options.max_tokens}, C{override.request_body} (deep
+    C{override.llm_options.max_tokens} (into the provider's field; where
+    that is C{max_completion_tokens}, a client C{max_tokens} is removed, as
+    APISIX does), C{override.request_body} (deep
     merge), model removal, and C{stream_options.include_usage} for streamed
     OpenAI chat.
 
@@ -230,6 +235,10 @@ def apply_body_overrides(body: dict[str, Any], protocol: str, target: Target) ->
     field = provider.max_tokens_field.get(protocol)
     if max_tokens is not None and field:
         changed = _set(body, tuple(field.split(".")), max_tokens) or changed
+        if field == "max_completion_tokens" and "max_tokens" in body:
+            # As APISIX: OpenAI refuses a body carrying both (reasoning models).
+            del body["max_tokens"]
+            changed = True
     patch = (override.get("request_body") or {}).get(protocol)
     if patch:
         changed = (
