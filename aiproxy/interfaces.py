@@ -13,6 +13,7 @@ from zope.interface import Attribute, Interface
 __all__ = [
     "IBodyFilter",
     "IBodyFilterFactory",
+    "IConverter",
     "IDownstream",
     "IExchange",
     "IExchangeMonitor",
@@ -20,7 +21,9 @@ __all__ = [
     "IHealthProbe",
     "IRelay",
     "IRequestFilter",
+    "IStreamConverter",
     "IStreamStage",
+    "IUpstreamAuth",
 ]
 
 
@@ -316,4 +319,94 @@ class IHealthProbe(Interface):
             L{twisted.internet.defer.TimeoutError} when nothing came within
             C{timeout}, or with the connection's failure. It may be
             cancelled (the checker stops).
+        """
+
+
+class IStreamConverter(Interface):
+    """
+    Converts one upstream stream, event by event, into the client's
+    protocol (one provider per stream: it keeps the stream's state).
+    """
+
+    def convert_events(events: Any, context: Any) -> bytes:
+        """
+        The client-protocol bytes (whole SSE events) for C{events}, the
+        upstream's decoded events (L{aiproxy.stream.sse.SSEEvent}) of one
+        chunk, in order; C{b""} when they give nothing yet.
+
+        @param context: the request's L{aiproxy.context.ExchangeContext}.
+        """
+
+    def finish(context: Any) -> bytes:
+        """
+        The upstream stream ended: the last client-protocol bytes (e.g. an
+        end event that was deferred).
+        """
+
+
+class IConverter(Interface):
+    """
+    Converts requests of one client protocol into another protocol that an
+    upstream speaks, and its answers back (stateless, shared by the
+    requests of a route).
+    """
+
+    client_protocol = Attribute(
+        "The client protocol it converts from (e.g. C{anthropic-messages})."
+    )
+    upstream_protocol = Attribute("The protocol spoken upstream (e.g. C{openai-chat}).")
+
+    def convert_request(body: Any, context: Any) -> Any:
+        """
+        The upstream request body (a new C{dict}) for the client's C{body}.
+
+        @param context: the request's L{aiproxy.context.ExchangeContext}.
+        @raise aiproxy.upstream.request.ClientError: a body it refuses (400).
+        """
+
+    def convert_headers(headers: Any, own_credentials: bool) -> None:
+        """
+        Adjust the upstream request headers (a C{twisted.web.http_headers.Headers},
+        already without hop-by-hop headers, with the route's credentials)
+        in place.
+
+        @param own_credentials: the route supplies its own credentials.
+        """
+
+    def convert_answer(status: int, body: bytes, context: Any) -> bytes:
+        """
+        A whole upstream answer in the client's protocol: a success, or an
+        error status whose body is converted to the client's error shape.
+        """
+
+    def convert_error(status: int, message: str) -> bytes:
+        """
+        The body of the gateway's own error C{message} (answered with
+        C{status}) in the client's protocol.
+        """
+
+    def stream(context: Any) -> IStreamConverter:
+        """
+        A converter for one upstream stream.
+        """
+
+
+class IUpstreamAuth(Interface):
+    """
+    Authorizes each upstream request of an instance whose provider needs
+    more than static headers (a signature over the final bytes, an access
+    token fetched and cached).
+    """
+
+    def authorize(call: Any) -> Any:
+        """
+        The request with its credentials.
+
+        @param call: the L{aiproxy.exchange.incoming.UpstreamCall} (method,
+            URL, headers, body) as it will be sent.
+        @return: a Deferred firing with the authorized call (a new Deferred
+            per call: cancelling it must not disturb other requests, e.g.
+            a token fetch they share), or failing with an
+            L{aiproxy.upstream.request.ClientError} whose status and body
+            the client gets (a credential that could not be obtained).
         """

@@ -31,7 +31,7 @@ from aiproxy.exchange.downstream import Downstream
 from aiproxy.exchange.errors import error_body, held_error_body
 from aiproxy.exchange.failover import HELD_FAILURE_STATUS, Attempt, Failover
 from aiproxy.exchange.held import HeldFailure, HeldRelay
-from aiproxy.exchange.incoming import ClientRequest
+from aiproxy.exchange.incoming import ClientRequest, send
 from aiproxy.exchange.phase import OVER, Phase
 from aiproxy.exchange.record import Timings, log_record
 from aiproxy.exchange.relay import Complete, Cut, Failed, Outcome
@@ -117,7 +117,7 @@ class Exchange:
             if instance is not None:
                 self._try(instance)
         except ClientError as e:
-            self._answer(error_body(e.message), e.status)
+            self._refuse(e)
         except Exception:
             # A request filter (or a bug) failed: a JSON 500 and a true record.
             self._bug(Failure())
@@ -157,7 +157,7 @@ class Exchange:
         self.timings.attempt_sent(attempt.started)
         self.phase = Phase.WAITING
         self.deadlines.arm_waiting(self.context.stream, self.downstream.keepalive)
-        d = self._upstream_d = instance.client.request(*call)
+        d = self._upstream_d = send(instance, call)
         d.addCallbacks(
             self._got_response,
             self._request_failed,
@@ -182,6 +182,8 @@ class Exchange:
         self.context.reset_response()
         try:
             self._try(instance)
+        except ClientError as e:
+            self._refuse(e)
         except Exception:
             self._bug(Failure())
 
@@ -207,6 +209,9 @@ class Exchange:
             return
         self._upstream_d = None
         self._upstream_ended()
+        if failure.check(ClientError):
+            self._refuse(failure.value)
+            return
         self._attempt_failed(*classify(failure))
 
     # -- the answer -------------------------------------------------------------
@@ -341,6 +346,14 @@ class Exchange:
         if status is not None:
             self.downstream.prepare(status, ((b"content-type", [content_type]),))
         self.downstream.respond(body)
+
+    def _refuse(self, error: ClientError) -> None:
+        """
+        Answer C{error}'s status and body (the request, or a credential for
+        it, could not be made); the exchange ends.
+        """
+        self._stop()
+        self._answer(error.body(), error.status)
 
     def _stop(self) -> None:
         """

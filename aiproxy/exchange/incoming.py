@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -29,7 +30,7 @@ from aiproxy.upstream.request import (
     upstream_headers,
 )
 
-__all__ = ["ClientRequest", "UpstreamCall"]
+__all__ = ["ClientRequest", "UpstreamCall", "send"]
 
 
 class UpstreamCall(NamedTuple):
@@ -130,3 +131,16 @@ class ClientRequest:
             upstream_headers(self._headers.getAllRawHeaders(), target.conf["auth"]),
             raw,
         )
+
+
+def send(instance: Instance, call: UpstreamCall) -> Deferred[Any]:
+    """
+    Send C{call} with C{instance}'s client, authorized first when its
+    provider needs it; the Deferred fires with the response as soon as its
+    headers arrive (cancelling it stops the request in whatever phase).
+    """
+    auth = instance.auth
+    if auth is None:
+        return instance.client.request(*call)
+    authorized: Deferred[UpstreamCall] = auth.authorize(call)
+    return authorized.addCallback(lambda signed: instance.client.request(*signed))

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from aiproxy.interfaces import IBodyFilterFactory, IRequestFilter
+from aiproxy.interfaces import IBodyFilterFactory, IRequestFilter, IUpstreamAuth
 from aiproxy.routing.balancer import Balancer, Selection, request_hash_key
 from aiproxy.routing.health import HealthChecker
 from aiproxy.stream.protocols import PASSTHROUGH
@@ -38,6 +38,8 @@ class Instance:
     @ivar target: the provider and the config requests are built from (the
         instance's fields over the plugin's shared ones).
     @ivar checker: its active health check, if it has one.
+    @ivar auth: authorizes each request, when its provider needs more than
+        the static C{auth.header} (a signature, an access token).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Instance:
     weight: int = 1
     priority: int = 0
     checker: HealthChecker | None = None
+    auth: IUpstreamAuth | None = None
     _urls: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property

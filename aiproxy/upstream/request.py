@@ -76,6 +76,12 @@ class ClientError(Exception):
         self.message = message
         self.document = document
 
+    def body(self) -> bytes:
+        """
+        The JSON body the client gets.
+        """
+        return json.dumps(self.document or {"message": self.message}).encode("utf-8")
+
 
 @dataclass(frozen=True)
 class Target:
