@@ -62,6 +62,12 @@ class ExchangeContext:
     filtered), C{text} (the response text so far), C{usage}, C{done} and
     C{ttft_ms}; the access log reads L{record}.
 
+    @ivar protocol: the client's protocol (request filters read the body in
+        it).
+    @ivar upstream_protocol: the protocol the upstream answers in (body
+        filters read the events in it): the client's, or the protocol it is
+        converted to.
+
     @ivar wants_text: whether the response text is collected (only when a
         body filter is active: collecting it costs a JSON parse per event).
     @ivar done: the upstream ended the response with its own terminator.
@@ -73,6 +79,7 @@ class ExchangeContext:
         "instance",
         "provider",
         "protocol",
+        "upstream_protocol",
         "stream",
         "body",
         "body_changed",
@@ -109,6 +116,7 @@ class ExchangeContext:
         self.started = started
         self.provider: str | None = None
         self.protocol: str | None = None
+        self.upstream_protocol: str | None = None
         self.stream = False
         self.body: dict[str, Any] | None = None
         self.body_changed = False

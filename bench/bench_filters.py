@@ -131,7 +131,7 @@ def run_stream(chunks: Sequence[bytes], factories: Sequence[Any]) -> bytes:
     Relay one response's chunks as the exchange does; the bytes sent.
     """
     context = ExchangeContext("bench", "bench", 0.0)
-    context.protocol = OPENAI_CHAT
+    context.protocol = context.upstream_protocol = OPENAI_CHAT
     context.stream = True
     decoder = SSEDecoder()
     observer = observer_for(OPENAI_CHAT)

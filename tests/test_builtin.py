@@ -255,6 +255,7 @@ class PluginTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IRequestFilter, decorator))
         context = ExchangeContext("r", "i", 0.0)
         context.protocol = OPENAI_CHAT
+        context.upstream_protocol = OPENAI_CHAT
         for name, config in [
             ("ai-response-guard", {"deny_patterns": ["x"]}),
             ("ai-response-redact", {"rules": [{"pattern": "x"}]}),
@@ -276,6 +277,7 @@ class PluginTests(SynchronousTestCase):
             for protocol in (OPENAI_EMBEDDINGS, OPENAI_RESPONSES, PASSTHROUGH):
                 context = ExchangeContext("r", "i", 0.0)
                 context.protocol = protocol
+                context.upstream_protocol = protocol
                 self.assertIsNone(factory.body_filter(context))
 
     def test_unsupported_protocol_warned_once(self) -> None:
@@ -294,6 +296,7 @@ class PluginTests(SynchronousTestCase):
             for protocol in (OPENAI_EMBEDDINGS, OPENAI_EMBEDDINGS, PASSTHROUGH, OPENAI_CHAT):
                 context = ExchangeContext("r", "i", 0.0)
                 context.protocol = protocol
+                context.upstream_protocol = protocol
                 factory.body_filter(context)
             self.assertEqual(
                 [(e["log_level"], e["protocol"]) for e in events],
@@ -1050,6 +1053,7 @@ class FilterUnitTests(SynchronousTestCase):
         factory = configure("ai-response-guard", {"deny_patterns": ["bad"]})
         context = ExchangeContext("r", "i", 0.0)
         context.protocol = OPENAI_CHAT
+        context.upstream_protocol = OPENAI_CHAT
         context.output_started = True
         body_filter = factory.body_filter(context)
         self.assertIsNone(body_filter.filter_chunk(chunk("fine "), context))
@@ -1071,6 +1075,7 @@ class FilterUnitTests(SynchronousTestCase):
         )
         context = ExchangeContext("r", "i", 0.0)
         context.protocol = OPENAI_CHAT
+        context.upstream_protocol = OPENAI_CHAT
         body_filter = factory.body_filter(context)
         raw = b'data: {"choices":[{"index":0,"delta":{"content":"a\\/b \\u00E9 x@y.com."}}]}\n\n'
         result = body_filter.filter_chunk(raw, context)

@@ -104,7 +104,7 @@ class RelayCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.context = ExchangeContext("chat", "a", 0.0)
-        self.context.protocol = OPENAI_CHAT
+        self.context.protocol = self.context.upstream_protocol = OPENAI_CHAT
         self.deadlines = Deadlines(
             self.clock,
             {"timeout": 60000},
@@ -136,7 +136,7 @@ class RelayCase(SynchronousTestCase):
         The arguments of a stream relay of the context's protocol, writing
         to L{write}.
         """
-        protocol = self.context.protocol or PASSTHROUGH
+        protocol = self.context.upstream_protocol or PASSTHROUGH
         return (
             self.basis(limit),
             SSEDecoder(),
@@ -254,7 +254,7 @@ class StreamRelayTests(RelayCase):
         A passthrough stream has no terminator to wait for: its clean end
         is complete.
         """
-        self.context.protocol = PASSTHROUGH
+        self.context.protocol = self.context.upstream_protocol = PASSTHROUGH
         self.relay()
         self.response.data(sse({"anything": 1}))
         self.response.end()

@@ -115,9 +115,9 @@ class ResponseGuard:
         """
         Guard one response of a supported protocol.
         """
-        if not self._protocols.reads(context.protocol):
+        if not self._protocols.reads(context.upstream_protocol):
             return None
-        return ResponseGuardFilter(self, context.protocol)
+        return ResponseGuardFilter(self, context.upstream_protocol)
 
 
 class ResponseGuardFilter(TextStreamFilter):

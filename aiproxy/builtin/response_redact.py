@@ -133,9 +133,9 @@ class ResponseRedact:
         """
         Redact one response of a supported protocol.
         """
-        if not self._protocols.reads(context.protocol):
+        if not self._protocols.reads(context.upstream_protocol):
             return None
-        return ResponseRedactFilter(self, context.protocol)
+        return ResponseRedactFilter(self, context.upstream_protocol)
 
 
 class ResponseRedactFilter(TextStreamFilter):

@@ -147,7 +147,7 @@ class Relays:
             idle_counts_all = True
         else:
             decoder = SSEDecoder()
-            observer = observer_for(context.protocol or PASSTHROUGH)
+            observer = observer_for(context.upstream_protocol or PASSTHROUGH)
             idle_counts_all = bool(conf.get("stream_idle_timeout_counts_comments"))
         args = (
             self._basis(True),

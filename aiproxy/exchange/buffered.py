@@ -85,8 +85,8 @@ class BufferedRelay(Relay):
         Observe a successful body and run it through the stream stages.
         """
         context = self.context
-        if context.protocol is not None:
-            observer_for(context.protocol).observe_body(body, context)
+        if context.upstream_protocol is not None:
+            observer_for(context.upstream_protocol).observe_body(body, context)
         stages = self._open_stages()
         if not stages:
             return Complete(body)

@@ -83,7 +83,7 @@ class HeldRelay(Protocol):
             if events is None:
                 return
             self._held.append(data)
-            protocol = stream.context.protocol or PASSTHROUGH
+            protocol = stream.context.upstream_protocol or PASSTHROUGH
             for event in events:
                 signal = stream_signal(protocol, event)
                 if signal == STREAM_CONTENT:

@@ -73,7 +73,7 @@ class ClientRequest:
             raise ClientError(400, f"{protocol} requests are not supported by provider {providers}")
         if len(route.instances) == 1:
             context.provider = serving[0].target.provider.name
-        context.protocol = protocol
+        context.protocol = context.upstream_protocol = protocol
         context.body = body
         context.stream = body.get("stream") is True
         model = body.get("model")

@@ -15,7 +15,7 @@ in L{aiproxy.exchange.held} and L{aiproxy.exchange.buffered}.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -46,6 +46,7 @@ __all__ = [
     "clean_end",
     "failed_body",
     "finish_stages",
+    "terminated",
 ]
 
 log = Logger()
@@ -121,25 +122,41 @@ def failed_body(reason: Failure) -> bool:
     return True
 
 
-def finish_stages(stages: Sequence[IStreamStage], context: ExchangeContext) -> bytes | Terminate:
+def finish_stages(
+    stages: Sequence[IStreamStage], context: ExchangeContext, tail: bytes = b""
+) -> bytes | Terminate:
     """
-    End C{stages} in order: what each one still holds goes through the
-    stages after it.
+    End C{stages} in order, after C{tail}: what each one still holds goes
+    through the stages after it.
 
     @return: the last bytes for the client, or the C{Terminate} of a stage.
     """
-    tail = b""
-    for stage in stages:
+    for index, stage in enumerate(stages):
         if tail:
             out = stage.filter_chunk(tail, context)
             if isinstance(out, Terminate):
-                return out
+                return terminated(stages, index, out, context)
             tail = out
         end = stage.finish(context)
         if isinstance(end, Terminate):
-            return end
+            return terminated(stages, index, end, context)
         tail += end
     return tail
+
+
+def terminated(
+    stages: Sequence[IStreamStage], index: int, result: Terminate, context: ExchangeContext
+) -> Terminate:
+    """
+    The C{Terminate} stage C{index} returned, with its data passed through
+    (and ending) the stages after it: a body filter's last bytes reach a
+    converted stream's client in the client's protocol.
+    """
+    rest = stages[index + 1 :]
+    if not rest:
+        return result
+    data = finish_stages(rest, context, result.data)
+    return data if isinstance(data, Terminate) else replace(result, data=data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,9 +337,10 @@ class StreamRelay(Relay):
                 for stage in self._stages:
                     out = stage.filter_chunk(data, context)
                     if out.__class__ is not bytes:
-                        self.end(out)  # type: ignore[arg-type]
+                        stages = self._stages
+                        self.end(terminated(stages, stages.index(stage), out, context))
                         return
-                    data = out  # type: ignore[assignment]
+                    data = out
             if data:
                 self._write(data)
         except Exception:
@@ -339,7 +357,7 @@ class StreamRelay(Relay):
         elif self.received == 0:
             # Also after keep-alive comments: never a clean end without content.
             self.end(Failed("upstream_error", 502, "upstream returned an empty stream"))
-        elif not context.done and context.protocol in _TERMINATED_PROTOCOLS:
+        elif not context.done and context.upstream_protocol in _TERMINATED_PROTOCOLS:
             self.end(
                 Failed(
                     "upstream_incomplete",
