@@ -12,6 +12,11 @@ within one run, not absolute numbers across machines.
     python bench/bench_proxy.py                       # every scenario
     python bench/bench_proxy.py --scenario paced --flush-ms 0,10
     python bench/bench_proxy.py --pin 1               # proxy on CPU 1 (taskset)
+
+Two installations in one run (each twistd imports its own aiproxy; their
+runs alternate within every round, so drift hits both; medians over rounds):
+
+    python bench/bench_proxy.py --twistd a=/venv-a/bin/twistd,b=/venv-b/bin/twistd --rounds 3
 """
 
 from __future__ import annotations
@@ -216,6 +221,33 @@ def _twistd() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+@dataclass
+class Build:
+    """One aiproxy under test: its label in the table, its twistd command and environment."""
+
+    label: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _builds(spec: str | None) -> list[Build]:
+    """
+    The aiproxy installations to run: each `[LABEL=]PATH` of the
+    comma-separated `spec` is a twistd executable that imports its own
+    installed aiproxy (PYTHONPATH removed); without `spec`, this checkout
+    (on PYTHONPATH) under the twistd beside this Python.
+    """
+    if not spec:
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return [Build("checkout", _twistd(), env)]
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    builds = []
+    for item in spec.split(","):
+        label, _, path = item.rpartition("=")
+        builds.append(Build(label or path, [path], env))
+    return builds
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -251,7 +283,7 @@ SCENARIOS = {
 }
 
 
-async def run(scenario: str, flush_ms: int, pin: str | None, filters: str) -> dict:
+async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build: Build) -> dict:
     events, delay, concurrency, stream, seconds = SCENARIOS[scenario]
     upstream = Upstream(events, delay)
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0, backlog=2048)
@@ -261,12 +293,11 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str) -> di
         path = os.path.join(tmp, "aiproxy.yaml")
         with open(path, "w") as f:
             f.write(CONFIG.format(port=port, upstream=upstream_port, flush=flush_ms, extra=filters))
-        argv = _twistd() + ["-n", "--pidfile=", "aiproxy", "--config", path]
+        argv = build.argv + ["-n", "--pidfile=", "aiproxy", "--config", path]
         if pin is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", pin] + argv
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proxy = subprocess.Popen(
-            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp
+            argv, env=build.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp
         )
         try:
             await _wait_ready(port)
@@ -293,8 +324,6 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str) -> di
                 task.cancel()
     units = results.events if stream else results.requests
     return {
-        "scenario": scenario,
-        "flush_ms": flush_ms,
         "requests_per_s": results.requests / wall,
         "events_per_s": results.events / wall,
         "proxy_cpu_pct": 100 * cpu / wall,
@@ -311,6 +340,15 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str) -> di
     }
 
 
+def _medians(runs: list[dict]) -> dict:
+    """Each figure's median over the runs (None where no run has it); errors added up."""
+    out: dict = {"errors": sum(r["errors"] for r in runs)}
+    for key in runs[0].keys() - {"errors"}:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,6 +361,17 @@ def main() -> None:
     )
     parser.add_argument("--pin", default=None, help="CPU list for the proxy (taskset)")
     parser.add_argument(
+        "--twistd",
+        default=None,
+        help="[LABEL=]PATH,... twistd executables to compare (default: this checkout)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each build per row, alternated; medians shown",
+    )
+    parser.add_argument(
         "--regex-filter", action="store_true", help="add an ai-response-redact rule"
     )
     args = parser.parse_args()
@@ -330,24 +379,32 @@ def main() -> None:
     filters = ""
     if args.regex_filter:
         filters = "      ai-response-redact: {rules: [{pattern: 'sk-[A-Za-z0-9]{20,}', replacement: '[key]'}]}\n"
+    builds = _builds(args.twistd)
     print(
-        "| scenario | flush_ms | req/s | events/s | proxy CPU % | CPU µs/event (or /request) | TTFT p50 ms | TTFT p99 ms | HTTP chunks/stream | errors | RSS MB |"
+        "| scenario | flush_ms | build | req/s | events/s | proxy CPU % | CPU µs/event (or /request) | TTFT p50 ms | TTFT p99 ms | HTTP chunks/stream | errors | RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value: float | None, spec: str = ".1f") -> str:
+        return "-" if value is None else format(value, spec)
+
     for scenario in scenarios:
         for flush in (int(x) for x in args.flush_ms.split(",")):
-            r = asyncio.run(run(scenario, flush, args.pin, filters))
-
-            def fmt(value: float | None, spec: str = ".1f") -> str:
-                return "-" if value is None else format(value, spec)
-
-            print(
-                f"| {scenario} | {flush} | {fmt(r['requests_per_s'], '.0f')} | {fmt(r['events_per_s'], '.0f')} "
-                f"| {fmt(r['proxy_cpu_pct'])} | {fmt(r['cpu_us_per_unit'])} | {fmt(r['ttft_p50_ms'], '.2f')} "
-                f"| {fmt(r['ttft_p99_ms'], '.2f')} | {fmt(r['chunks_per_stream'], '.0f')} | {r['errors']} "
-                f"| {fmt(r['rss_mb'])} |",
-                flush=True,
-            )
+            runs: dict[str, list[dict]] = {build.label: [] for build in builds}
+            for _ in range(args.rounds):
+                for build in builds:
+                    runs[build.label].append(
+                        asyncio.run(run(scenario, flush, args.pin, filters, build))
+                    )
+            for label, label_runs in runs.items():
+                r = _medians(label_runs)
+                print(
+                    f"| {scenario} | {flush} | {label} | {fmt(r['requests_per_s'], '.0f')} | {fmt(r['events_per_s'], '.0f')} "
+                    f"| {fmt(r['proxy_cpu_pct'])} | {fmt(r['cpu_us_per_unit'])} | {fmt(r['ttft_p50_ms'], '.2f')} "
+                    f"| {fmt(r['ttft_p99_ms'], '.2f')} | {fmt(r['chunks_per_stream'], '.0f')} | {r['errors']} "
+                    f"| {fmt(r['rss_mb'])} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
