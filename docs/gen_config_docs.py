@@ -220,6 +220,10 @@ def _providers() -> str:
                 if provider.base_url
                 else "none: `override.endpoint` is required"
             )
+            if provider.rules is not None:
+                # The host comes from provider_conf: shown with placeholders.
+                placeholders = {"region": "<region>", "project_id": "<project_id>"}
+                base = _code(provider.rules.base_url({"provider_conf": placeholders}))
             paths = "; ".join(
                 f"{protocol} {_code(path)}" for protocol, path in provider.paths.items()
             )
@@ -229,6 +233,8 @@ def _providers() -> str:
                 if protocol in provider.paths
             )
             served = "yes; `model` is removed from the body" if provider.remove_model else "yes"
+            if provider.rules is not None:
+                served = f"yes; {provider.rules.note}"
             cells = [_code(name), served, base, paths, fields]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(lines)

@@ -62,8 +62,11 @@ def _parse(text: str):
     """
     Parse a documented config with only the proxy plugins installed.
     """
+    from tests.test_vertex import key_json
+
     schemas = {name: load_schema(name) for name in PROXY_PLUGINS}
-    return parse_config(text, EXAMPLE_ENVIRON, schemas)
+    # The vertex-ai example reads a service-account key, made at test time.
+    return parse_config(text, {**EXAMPLE_ENVIRON, "GCP_SA_KEY": key_json()}, schemas)
 
 
 class GeneratedTablesTests(SynchronousTestCase):

@@ -234,8 +234,10 @@ class BuildTests(SynchronousTestCase):
                 },
             ),
             [
-                "routes[0].plugins.ai-proxy-multi.instances[1].provider: "
-                "provider 'bedrock' is not supported by this version",
+                "routes[0].plugins.ai-proxy-multi.instances[1].provider_conf.region: "
+                "required for provider 'bedrock'",
+                "routes[0].plugins.ai-proxy-multi.instances[1].auth.aws: "
+                "required for provider 'bedrock'",
                 "routes[0].plugins.ai-proxy-multi.instances[2].override.endpoint: "
                 "required for provider 'openai-compatible'",
                 "routes[0].plugins.ai-proxy-multi.instances[2].auth.header.X-Key: "
@@ -345,30 +347,28 @@ class SelectionTests(SynchronousTestCase):
 
     def test_protocol(self) -> None:
         """
-        An instance whose provider does not serve the request's protocol is
-        not picked; when none serves it, 400 naming the providers, and no
-        upstream call.
+        An instance that cannot serve the request's protocol (as it is, or
+        converted) is not picked.
         """
         claude = instance("claude", provider="anthropic", options={})
         claude["override"] = {"endpoint": "http://claude.test"}
         route = multi_route([instance("a"), claude])
         route["uri"] = "/v1/*"
         gateway = gateway_for(self, make_table(routes=[route]))
-        messages = {"model": "x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
         for _ in range(2):
             gateway.connect()
-            gateway.send(messages, path=b"/v1/messages")
+            gateway.send({"model": "r", "input": "hi"}, path=b"/v1/responses")
             gateway.ok()
         gateway.connect()
         gateway.send({"model": "e", "input": "x"}, path=b"/v1/embeddings")
         gateway.ok()
-        self.assertEqual(gateway.names(), ["claude", "claude", "a"])
-        self.assertEqual(gateway.calls()[0][1].url, "http://claude.test/v1/messages")
+        self.assertEqual(gateway.names(), ["a", "a", "a"])
 
     def test_not_served(self) -> None:
         """
-        A protocol no instance's provider serves is refused with 400 before
-        any upstream call; the record names no instance.
+        A protocol no instance serves (as it is, or converted) is refused
+        with 400 before any upstream call, as the first instance says; the
+        record names no instance.
         """
         route = multi_route([instance("a", provider="deepseek"), instance("b", provider="aimlapi")])
         route["uri"] = "/v1/*"
@@ -379,7 +379,8 @@ class SelectionTests(SynchronousTestCase):
         self.assertEqual(response.status, 400)
         self.assertEqual(
             response.json()["message"],
-            "openai-embeddings requests are not supported by provider deepseek, aimlapi",
+            "provider deepseek does not support openai-embeddings protocol "
+            "(supported: openai-chat)",
         )
         self.assertEqual(gateway.record["instance"], None)
         self.assertEqual(gateway.record["attempts"], [])

@@ -16,7 +16,6 @@ from aiproxy.context import ExchangeContext
 from aiproxy.stream import protocols
 from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
-    BEDROCK_CONVERSE,
     OPENAI_CHAT,
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES,
@@ -465,7 +464,7 @@ class PassthroughTests(SynchronousTestCase):
         """
         C{[DONE]} ends a passthrough stream; other events give nothing.
         """
-        for protocol in (PASSTHROUGH, OPENAI_EMBEDDINGS, BEDROCK_CONVERSE):
+        for protocol in (PASSTHROUGH, OPENAI_EMBEDDINGS):
             context = observe(
                 protocol,
                 sse((None, {"model": "m", "usage": {"prompt_tokens": 1}}), (None, b"[DONE]")),

@@ -21,6 +21,7 @@ from aiproxy.routing.build import build_routes
 from aiproxy.routing.routes import Route, RouteTable
 from aiproxy.schema import load_schema
 from aiproxy.stream.protocols import OPENAI_CHAT, PASSTHROUGH
+from aiproxy.upstream import providers
 
 
 @implementer(IRequestFilter)
@@ -308,6 +309,9 @@ class BuildRoutesTests(SynchronousTestCase):
         A provider the schema knows but this version does not serve is a
         problem at the route's C{provider}.
         """
+        # Every provider the schema names is served: take one out.
+        served = {name: p for name, p in providers.PROVIDERS.items() if name != "bedrock"}
+        self.patch(providers, "PROVIDERS", served)
         self.assertEqual(
             self.problems(route_doc("/a", "bedrock")),
             [
@@ -338,7 +342,8 @@ class BuildRoutesTests(SynchronousTestCase):
                 route_doc("/a", "bedrock"), route_doc("/b"), route_doc("/c", "openai-compatible")
             ),
             [
-                "routes[0].plugins.ai-proxy.provider: provider 'bedrock' is not supported by this version",
+                "routes[0].plugins.ai-proxy.provider_conf.region: required for provider 'bedrock'",
+                "routes[0].plugins.ai-proxy.auth.aws: required for provider 'bedrock'",
                 "routes[2].plugins.ai-proxy.override.endpoint: required for provider 'openai-compatible'",
             ],
         )

@@ -144,7 +144,8 @@ class OptionsTests(SynchronousTestCase, ConfigFileMixin):
             str(error).splitlines(),
             [
                 f"invalid configuration {path}:",
-                "routes[0].plugins.ai-proxy.provider: provider 'bedrock' is not supported by this version",
+                "routes[0].plugins.ai-proxy.provider_conf.region: required for provider 'bedrock'",
+                "routes[0].plugins.ai-proxy.auth.aws: required for provider 'bedrock'",
             ],
         )
 
@@ -239,7 +240,8 @@ class CheckTests(SynchronousTestCase, ConfigFileMixin):
         self.assertEqual(
             self.stderr.getvalue().splitlines(),
             [
-                "routes[0].plugins.ai-proxy.provider: provider 'bedrock' is not supported by this version"
+                "routes[0].plugins.ai-proxy.provider_conf.region: required for provider 'bedrock'",
+                "routes[0].plugins.ai-proxy.auth.aws: required for provider 'bedrock'",
             ],
         )
 

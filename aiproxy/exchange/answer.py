@@ -13,15 +13,16 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 
 from aiproxy.context import ExchangeContext
+from aiproxy.convert.stage import ConversionStage
 from aiproxy.exchange.buffered import BufferedRelay
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.exchange.downstream import Downstream
 from aiproxy.exchange.record import Timings
 from aiproxy.exchange.relay import Basis, StreamRelay, TimedStreamRelay
 from aiproxy.filters import open_chain
-from aiproxy.interfaces import IBodyFilterFactory, IStreamStage
+from aiproxy.interfaces import IBodyFilterFactory, IConverter, IStreamStage
 from aiproxy.stream.eventstream import EventStreamDecoder
-from aiproxy.stream.protocols import NULL_OBSERVER, PASSTHROUGH, observer_for
+from aiproxy.stream.protocols import BEDROCK_CONVERSE, NULL_OBSERVER, PASSTHROUGH, observer_for
 from aiproxy.stream.sse import SSEDecoder
 
 __all__ = ["EVENTSTREAM", "SSE", "Relays", "relayed_head"]
@@ -40,14 +41,20 @@ Headers = list[tuple[bytes, list[bytes]]]
 _UNASKED: Any = object()
 
 
-def relayed_head(response: Any) -> tuple[Headers, bytes | None]:
+def relayed_head(response: Any, converted: bool) -> tuple[Headers, bytes | None]:
     """
     The headers of an upstream response that the client gets, and its
     stream framing (L{SSE} or L{EVENTSTREAM}; L{None} for a whole body:
     an error status, or any other content type).
+
+    @param converted: the answer is converted to the client's protocol (a
+        whole one is JSON, whatever the upstream's content type).
     """
     content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-    headers = [(b"content-type", [content_type])] if content_type else []
+    client_type = content_type
+    if converted and not content_type.lower().startswith(SSE):
+        client_type = b"application/json"
+    headers = [(b"content-type", [client_type])] if client_type else []
     for name, values in response.headers.getAllRawHeaders():
         lower = name.lower()
         if lower in _RELAYED_HEADERS or lower.startswith(_RELAYED_PREFIXES):
@@ -94,7 +101,7 @@ class Relays:
 
     def stages(self) -> Sequence[IStreamStage]:
         """
-        The stream stages of the response that reaches the client: its body
+        The body filter stages of the response that reaches the client: its
         filter chain, opened once (an attempt given up before output fed
         them nothing).
         """
@@ -107,6 +114,17 @@ class Relays:
                 (self._conf.get("logging") or {}).get("payloads")
             )
         return stages
+
+    def stream_stages(self, converter: IConverter | None) -> Sequence[IStreamStage]:
+        """
+        The stages of a stream: the body filters, then the conversion to
+        the client's protocol when C{converter} is set.
+        """
+        stages = self.stages()
+        if converter is None:
+            return stages
+        conversion = ConversionStage(converter, converter.stream(self._context), bool(stages))
+        return (*stages, conversion)
 
     def _basis(self, stream: bool) -> Basis:
         """
@@ -142,7 +160,9 @@ class Relays:
         decoder: Any
         if framing == EVENTSTREAM:
             decoder = EventStreamDecoder()
-            observer: Any = NULL_OBSERVER
+            # Bedrock's frames are read beside; any other is relayed unread.
+            bedrock = context.upstream_protocol == BEDROCK_CONVERSE
+            observer: Any = observer_for(BEDROCK_CONVERSE) if bedrock else NULL_OBSERVER
             # Binary framing has no comments: every chunk is activity.
             idle_counts_all = True
         else:
@@ -160,13 +180,16 @@ class Relays:
             return StreamRelay(*args)
         return TimedStreamRelay(*args, timings=timings, observe_gap=observe_gap)
 
-    def buffered(self, status: int, length: object) -> BufferedRelay | None:
+    def buffered(
+        self, status: int, length: object, converter: IConverter | None
+    ) -> BufferedRelay | None:
         """
-        The relay of a whole body answered with C{status}, or L{None} when
-        its declared C{length} is over C{max_response_bytes}.
+        The relay of a whole body answered with C{status} (converted to the
+        client's protocol by C{converter}), or L{None} when its declared
+        C{length} is over C{max_response_bytes}.
         """
         limit = self._conf.get("max_response_bytes")
         # A body without Content-Length has the length UNKNOWN_LENGTH, a str.
         if limit is not None and isinstance(length, int) and length > limit:
             return None
-        return BufferedRelay(self._basis(False), status, self.stages)
+        return BufferedRelay(self._basis(False), status, self.stages, converter)

@@ -7,8 +7,10 @@ C{max_response_bytes}, then observed and filtered as one chunk.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aiproxy.exchange.errors import upstream_error_message
@@ -18,15 +20,18 @@ from aiproxy.exchange.relay import (
     Basis,
     Complete,
     Cut,
+    Outcome,
     Relay,
     failed_body,
     finish_stages,
 )
 from aiproxy.filters import Terminate
-from aiproxy.interfaces import IStreamStage
+from aiproxy.interfaces import IConverter, IStreamStage
 from aiproxy.stream.protocols import observer_for
 
 __all__ = ["BufferedRelay"]
+
+log = Logger()
 
 
 class BufferedRelay(Relay):
@@ -36,17 +41,24 @@ class BufferedRelay(Relay):
     """
 
     def __init__(
-        self, basis: Basis, status: int, open_stages: Callable[[], Sequence[IStreamStage]]
+        self,
+        basis: Basis,
+        status: int,
+        open_stages: Callable[[], Sequence[IStreamStage]],
+        converter: IConverter | None = None,
     ) -> None:
         """
         @param status: the status the client gets: a body is observed and
             filtered only under 400.
         @param open_stages: the stream stages of the response (opened on
             the first call).
+        @param converter: converts the answer (or a body filter's) to the
+            client's protocol.
         """
         super().__init__(basis)
         self._status = status
         self._open_stages = open_stages
+        self._converter = converter
         self._parts: list[bytes] = []
 
     def dataReceived(self, data: bytes) -> None:
@@ -75,10 +87,24 @@ class BufferedRelay(Relay):
             # Keep-alive comments already sent a streamed 200: say it in-band.
             self.end(Cut("upstream_error", 502, upstream_error_message(self._status, body)))
             return
-        if self._status < 400:
-            self.end(self._filtered(body))
-            return
-        self.end(Complete(body))
+        outcome = self._filtered(body) if self._status < 400 else Complete(body)
+        self.end(outcome if self._converter is None else self._converted(outcome))
+
+    def _converted(self, outcome: Complete | Terminate) -> Outcome:
+        """
+        The answer (or a body filter's) in the client's protocol; a 500 when
+        the upstream's answer cannot be converted.
+        """
+        assert self._converter is not None
+        convert = self._converter.convert_answer
+        try:
+            if isinstance(outcome, Complete):
+                return Complete(convert(self._status, outcome.body, self.context))
+            data = convert(outcome.status, outcome.data, self.context)
+            return replace(outcome, data=data, content_type="application/json")
+        except ValueError as e:
+            log.warn("converting the upstream's answer failed: {error}", error=str(e))
+            return Cut("upstream_format", 500, f"could not convert the upstream's answer: {e}")
 
     def _filtered(self, body: bytes) -> Complete | Terminate:
         """

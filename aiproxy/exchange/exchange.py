@@ -36,9 +36,9 @@ from aiproxy.exchange.phase import OVER, Phase
 from aiproxy.exchange.record import Timings, log_record
 from aiproxy.exchange.relay import Complete, Cut, Failed, Outcome
 from aiproxy.filters import Terminate
-from aiproxy.interfaces import IExchange, IExchangeMonitor, IRelay, IStreamStage
+from aiproxy.interfaces import IConverter, IExchange, IExchangeMonitor, IRelay, IStreamStage
 from aiproxy.routing.routes import Instance, Route
-from aiproxy.stream.protocols import PASSTHROUGH, error_event
+from aiproxy.stream.protocols import BEDROCK_CONVERSE, PASSTHROUGH, error_event
 from aiproxy.upstream.client import DiscardBody
 from aiproxy.upstream.failures import classify
 from aiproxy.upstream.request import ClientError
@@ -100,6 +100,8 @@ class Exchange:
         self._client: ClientRequest | None = None
         self._upstream_d: Any = None
         self._relay: IRelay | None = None
+        #: Converts the current attempt's answer to the client's protocol.
+        self._converter: IConverter | None = None
 
     def start(self) -> None:
         """
@@ -117,7 +119,7 @@ class Exchange:
             if instance is not None:
                 self._try(instance)
         except ClientError as e:
-            self._refuse(e)
+            self._answer(e.body(), e.status)
         except Exception:
             # A request filter (or a bug) failed: a JSON 500 and a true record.
             self._bug(Failure())
@@ -145,18 +147,19 @@ class Exchange:
             self._answer(error_body("no AI instance available"), 503)
         return instance
 
-    # -- attempts ---------------------------------------------------------------
-
     def _try(self, instance: Instance) -> None:
         """
         Send the request to C{instance}, shaped for it.
         """
         assert self._client is not None
         call = self._client.upstream_call(instance, self.context)
+        self._converter = instance.converter(self._client.protocol)
         attempt = self.failover.begin(instance)
         self.timings.attempt_sent(attempt.started)
         self.phase = Phase.WAITING
-        self.deadlines.arm_waiting(self.context.stream, self.downstream.keepalive)
+        # SSE comments cannot go into a binary (EventStream) answer.
+        sse = self.context.stream and self._client.protocol != BEDROCK_CONVERSE
+        self.deadlines.arm_waiting(sse, self.downstream.keepalive)
         d = self._upstream_d = send(instance, call)
         d.addCallbacks(
             self._got_response,
@@ -176,14 +179,10 @@ class Exchange:
         self._stop_upstream()
         self.downstream.unpace()
         self.downstream.discard()
-        assert self._client is not None
-        self.timings.first_chunk = None
-        self.context.stream = self._client.stream
-        self.context.reset_response()
         try:
             self._try(instance)
         except ClientError as e:
-            self._refuse(e)
+            self._answer(e.body(), e.status)
         except Exception:
             self._bug(Failure())
 
@@ -208,13 +207,11 @@ class Exchange:
         if attempt.ended is not None or self.phase in OVER:
             return
         self._upstream_d = None
-        self._upstream_ended()
+        self.timings.upstream_ended = self.clock.seconds()
         if failure.check(ClientError):
-            self._refuse(failure.value)
+            self._answer(failure.value.body(), failure.value.status)
             return
         self._attempt_failed(*classify(failure))
-
-    # -- the answer -------------------------------------------------------------
 
     def _got_response(self, response: Any, attempt: Attempt) -> None:
         """
@@ -235,51 +232,41 @@ class Exchange:
                 return
         # Every instance failed: 502 with the last one's error body.
         status = 502 if self.failover.exhausted else code
-        headers, framing = relayed_head(response)
+        headers, framing = relayed_head(response, self._converter is not None)
         self.downstream.prepare(status, headers)
-        if framing is None:
-            self._collect(response, status)
-        else:
-            self._relay_stream(response, framing)
+        self._deliver(response, status, framing)
 
-    def _relay_stream(self, response: Any, framing: bytes) -> None:
+    def _deliver(self, response: Any, status: int, framing: bytes | None) -> None:
         """
-        Relay a streamed response chunk by chunk (an SSE stream held back
-        first when C{stream_commit_ms} allows a fallback).
+        Relay the body: collected whole (within C{max_response_bytes}), or
+        a stream chunk by chunk (an SSE stream held back first when
+        C{stream_commit_ms} allows a fallback).
         """
         context = self.context
-        context.stream = True
-        hold = framing == SSE and not context.output_started and self.failover.may_hold()
-        stages = () if hold else self.relays.stages()
-        stream = self.relays.stream(framing, self.timings)
-        self.deadlines.arm_duration(context.started, True)
-        stream.done.addCallback(self._relay_ended).addErrback(self._bug)
-        if hold:
-            held = self._relay = HeldRelay(stream, self._released)
-            held.failed.addCallback(self._held_failed, held).addErrback(self._bug)
-            self.phase = Phase.HOLDING
-            self.deadlines.arm("commit", self.failover.commit_s, held.release)
-            response.deliverBody(held)
+        relay: Any
+        if framing is None:
+            relay = self.relays.buffered(status, response.length, self._converter)
+            if relay is None:
+                response.deliverBody(DiscardBody())
+                self._end_early("max_response_bytes", 502, "max_response_bytes exceeded")
+                return
+            self.phase = Phase.COLLECTING
         else:
-            stream.open(stages)
-            self._relay = stream
-            self.phase = Phase.RELAYING
-            response.deliverBody(stream)
-
-    def _collect(self, response: Any, status: int) -> None:
-        """
-        Collect a non-streamed response, within C{max_response_bytes}.
-        """
-        relay = self._relay = self.relays.buffered(status, response.length)
-        if relay is None:
-            response.deliverBody(DiscardBody())
-            self._end_early("max_response_bytes", 502, "max_response_bytes exceeded")
-            return
+            context.stream = True
+            hold = framing == SSE and not context.output_started and self.failover.may_hold()
+            stages = () if hold else self.relays.stream_stages(self._converter)
+            relay = stream = self.relays.stream(framing, self.timings)
+            self.deadlines.arm_duration(context.started, True)
+            if hold:
+                relay = HeldRelay(stream, self._released)
+                relay.failed.addCallback(self._held_failed, relay).addErrback(self._bug)
+                self.deadlines.arm("commit", self.failover.commit_s, relay.release)
+            else:
+                stream.open(stages)
+            self.phase = Phase.HOLDING if hold else Phase.RELAYING
         relay.done.addCallback(self._relay_ended).addErrback(self._bug)
-        self.phase = Phase.COLLECTING
+        self._relay = relay
         response.deliverBody(relay)
-
-    # -- stream_commit_ms -------------------------------------------------------
 
     def _released(self) -> Sequence[IStreamStage]:
         """
@@ -287,7 +274,7 @@ class Exchange:
         """
         self.deadlines.cancel("commit")
         self.phase = Phase.RELAYING
-        return self.relays.stages()
+        return self.relays.stream_stages(self._converter)
 
     def _held_failed(self, failure: HeldFailure, held: HeldRelay) -> None:
         """
@@ -312,15 +299,13 @@ class Exchange:
             if failure.ended is not None and self.phase not in OVER:
                 held.relay_end(failure.ended)
 
-    # -- endings ----------------------------------------------------------------
-
     def _relay_ended(self, outcome: Outcome) -> None:
         """
         The relay's body ended: end the response as its outcome says.
         """
         if self.phase in OVER:
             return
-        self._upstream_ended()
+        self.timings.upstream_ended = self.clock.seconds()
         if isinstance(outcome, Complete):
             if self.phase is Phase.COLLECTING:
                 self._answer(outcome.body)
@@ -347,14 +332,6 @@ class Exchange:
             self.downstream.prepare(status, ((b"content-type", [content_type]),))
         self.downstream.respond(body)
 
-    def _refuse(self, error: ClientError) -> None:
-        """
-        Answer C{error}'s status and body (the request, or a credential for
-        it, could not be made); the exchange ends.
-        """
-        self._stop()
-        self._answer(error.body(), error.status)
-
     def _stop(self) -> None:
         """
         End the exchange's work: its timers, and the upstream transfer in
@@ -369,8 +346,8 @@ class Exchange:
         Abort the current upstream transfer: cancel the request before its
         response, or stop reading the body.
         """
-        if self.context.upstream_response_time_ms is None:
-            self._upstream_ended()
+        if self.timings.upstream_ended is None:
+            self.timings.upstream_ended = self.clock.seconds()
         if self._upstream_d is not None:
             # Not guarded by d.called: once connected, treq's Deferred has fired and
             # waits on the Agent's, and cancel() forwards to it (closing the connection).
@@ -379,14 +356,6 @@ class Exchange:
         if self._relay is not None:
             relay, self._relay = self._relay, None
             relay.stop()
-
-    def _upstream_ended(self) -> None:
-        """
-        The upstream's answer ended now (whole, cut, or failed): APISIX's
-        C{$upstream_response_time}.
-        """
-        context = self.context
-        context.upstream_response_time_ms = _ms(self.clock.seconds() - context.started)
 
     def _end_early(self, reason: str, status: int, message: str) -> None:
         """
@@ -407,7 +376,13 @@ class Exchange:
         mid_event = self._relay is not None and self._relay.mid_event
         self._stop()
         if not context.output_started:
-            self._answer(error_body(message), status)
+            converter = self._converter
+            body = (
+                error_body(message)
+                if converter is None
+                else converter.convert_error(status, message)
+            )
+            self._answer(body, status)
             return
         # The error event must be an event of its own, even after an upstream
         # cut inside one.
@@ -440,8 +415,6 @@ class Exchange:
         log.failure("proxying a request failed", failure)
         self._end_early("internal_error", 500, "internal error")
 
-    # -- the client side --------------------------------------------------------
-
     def _client_lost(self, reason: Failure) -> None:
         """
         The client's connection closed before the response was complete.
@@ -462,9 +435,13 @@ class Exchange:
         if self.phase is Phase.RECORDED:
             return
         self.phase = Phase.RECORDED
-        if self.context.status is None:
-            self.context.status = self.downstream.status
+        context = self.context
+        if context.status is None:
+            context.status = self.downstream.status
+        if self.timings.upstream_ended is not None:
+            # APISIX's $upstream_response_time: until the upstream's answer ended.
+            context.upstream_response_time_ms = _ms(self.timings.upstream_ended - context.started)
         now = self.clock.seconds()
-        record = log_record(self.context, self.failover.records(now), self.conf.get("logging"), now)
+        record = log_record(context, self.failover.records(now), self.conf.get("logging"), now)
         if self.monitor is not None:
             self.monitor.exchange_ended(self, record, self.timings)

@@ -33,6 +33,24 @@ from aiproxy.upstream.request import (
 __all__ = ["ClientRequest", "UpstreamCall", "send"]
 
 
+#: The C{auth} kinds that give the route its own credentials.
+_CREDENTIALS = ("header", "query", "aws", "gcp")
+
+
+def _serving(route: Route, protocol: str) -> list[Instance]:
+    """
+    The instances of C{route} that serve C{protocol} requests (as they
+    are, or converted).
+
+    @raise ClientError: 400 when none does.
+    """
+    serving = [instance for instance in route.instances if instance.accepts(protocol)]
+    if not serving:
+        # The first instance says why.
+        route.instances[0].converter(protocol)
+    return serving
+
+
 class UpstreamCall(NamedTuple):
     """
     One upstream request, ready to send.
@@ -67,10 +85,7 @@ class ClientRequest:
         check_content_type(request.getHeader(b"content-type"))
         body = parse_body(raw)
         protocol = detect(context.path, body)
-        serving = [i for i in route.instances if i.target.provider.serves(protocol)]
-        if not serving:
-            providers = ", ".join(dict.fromkeys(i.target.provider.name for i in route.instances))
-            raise ClientError(400, f"{protocol} requests are not supported by provider {providers}")
+        serving = _serving(route, protocol)
         if len(route.instances) == 1:
             context.provider = serving[0].target.provider.name
         context.protocol = context.upstream_protocol = protocol
@@ -115,9 +130,24 @@ class ClientRequest:
         if self._copy:
             # Each instance changes the body its own way (options, model).
             body = copy.deepcopy(body)
+        # Nothing of an earlier attempt's answer counts (a fallback).
+        context.stream = self.stream
+        context.reset_response()
         context.instance = instance.name
         context.provider = target.provider.name
-        changed = apply_body_overrides(body, protocol, target) or context.body_changed
+        converter = instance.converter(protocol)
+        changed = context.body_changed
+        client_body = body
+        if converter is not None:
+            body = converter.convert_request(body, context)
+            protocol = converter.upstream_protocol
+            changed = True
+        context.upstream_protocol = protocol
+        # Before the body changes: a provider may take its path from the
+        # client's body (bedrock, vertex predict: the model; bedrock: whether
+        # it streams).
+        url = instance.upstream_url(protocol, context.path, self._query, client_body)
+        changed = apply_body_overrides(body, protocol, target) or changed
         context.body = body
         model = body.get("model")
         if isinstance(model, str):
@@ -125,10 +155,14 @@ class ClientRequest:
         raw = self._raw
         if changed:
             raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        auth = target.conf["auth"]
+        headers = upstream_headers(self._headers.getAllRawHeaders(), auth)
+        if converter is not None:
+            converter.convert_headers(headers, any(auth.get(kind) for kind in _CREDENTIALS))
         return UpstreamCall(
             context.method if protocol == PASSTHROUGH else "POST",
-            instance.upstream_url(protocol, context.path, self._query),
-            upstream_headers(self._headers.getAllRawHeaders(), target.conf["auth"]),
+            url,
+            headers,
             raw,
         )
 

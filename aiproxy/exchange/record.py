@@ -32,6 +32,8 @@ class Timings:
     @ivar sent: the current upstream attempt was sent.
     @ivar first_chunk: the current attempt's first body chunk arrived.
     @ivar first_output: the first body bytes were written to the client.
+    @ivar upstream_ended: the current attempt's upstream answer ended
+        (whole, cut, or failed).
     """
 
     started: float
@@ -39,6 +41,7 @@ class Timings:
     sent: float | None = None
     first_chunk: float | None = None
     first_output: float | None = None
+    upstream_ended: float | None = None
 
     def attempt_sent(self, at: float) -> None:
         """
@@ -47,6 +50,7 @@ class Timings:
         if self.first_sent is None:
             self.first_sent = at
         self.sent = at
+        self.first_chunk = self.upstream_ended = None
 
 
 def llm_logging_fields(

@@ -27,10 +27,16 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 from zope.interface import implementer
 
 from aiproxy.context import ExchangeContext
+from aiproxy.convert.stage import ConversionStage
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.filters import Terminate
 from aiproxy.interfaces import IRelay, IStreamStage
-from aiproxy.stream.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES
+from aiproxy.stream.protocols import (
+    ANTHROPIC_MESSAGES,
+    BEDROCK_CONVERSE,
+    OPENAI_CHAT,
+    OPENAI_RESPONSES,
+)
 from aiproxy.stream.sse import SSEDecoder
 
 __all__ = [
@@ -53,7 +59,9 @@ log = Logger()
 
 #: Protocols whose streams end with their own event: one that ends without
 #: it was cut short, whatever the HTTP framing says.
-_TERMINATED_PROTOCOLS = frozenset({OPENAI_CHAT, ANTHROPIC_MESSAGES, OPENAI_RESPONSES})
+_TERMINATED_PROTOCOLS = frozenset(
+    {OPENAI_CHAT, ANTHROPIC_MESSAGES, OPENAI_RESPONSES, BEDROCK_CONVERSE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +284,7 @@ class StreamRelay(Relay):
         self._write = write
         self._idle_counts_all = idle_counts_all
         self._stages: Sequence[IStreamStage] = ()
+        self._conversion: ConversionStage | None = None
         #: No event has come yet (the first one stops the first-token wait).
         self._awaiting = True
 
@@ -285,6 +294,8 @@ class StreamRelay(Relay):
         writer.
         """
         self._stages = stages
+        if stages and isinstance(stages[-1], ConversionStage):
+            self._conversion = stages[-1]
 
     def arrival(self, data: bytes, decoder: Any, size: int) -> list[Any] | None:
         """
@@ -358,6 +369,11 @@ class StreamRelay(Relay):
             # Also after keep-alive comments: never a clean end without content.
             self.end(Failed("upstream_error", 502, "upstream returned an empty stream"))
         elif not context.done and context.upstream_protocol in _TERMINATED_PROTOCOLS:
+            conversion = self._conversion
+            if conversion is not None and not conversion.produced:
+                # The upstream spoke another format than the converter reads.
+                self.end(conversion.no_output())
+                return
             self.end(
                 Failed(
                     "upstream_incomplete",

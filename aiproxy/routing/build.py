@@ -15,15 +15,22 @@ from urllib.parse import urlencode, urlsplit
 from OpenSSL import crypto
 
 from aiproxy.config import Config, ConfigError, RouteConfig
-from aiproxy.interfaces import IBodyFilterFactory, IFilterPlugin, IHealthProbe, IRequestFilter
+from aiproxy.interfaces import (
+    IBodyFilterFactory,
+    IFilterPlugin,
+    IHealthProbe,
+    IRequestFilter,
+    IUpstreamAuth,
+)
 from aiproxy.plugins import PluginConfigError
 from aiproxy.routing.balancer import Balancer, hash_key_problem
 from aiproxy.routing.health import HealthChecker, HTTPProbe, ProbeTarget, parse_header_lines
 from aiproxy.routing.routes import FallbackPolicy, Instance, Route, RouteTable
 from aiproxy.schema import format_path
 from aiproxy.upstream.client import UpstreamClient
+from aiproxy.upstream.gcp import gcp_auth, load_service_account
 from aiproxy.upstream.providers import Provider, UnsupportedProvider, get_provider
-from aiproxy.upstream.request import Target
+from aiproxy.upstream.request import Target, default_base_url
 
 __all__ = ["build_routes"]
 
@@ -122,8 +129,13 @@ def _target_problems(
         provider = get_provider(conf["provider"])
     except UnsupportedProvider as e:
         return None, [f"{format_path(path + ['provider'])}: {e}"]
-    problems = []
-    if provider.base_url is None and not (conf.get("override") or {}).get("endpoint"):
+    problems: list[str] = []
+    rules = provider.rules
+    if rules is not None:
+        problems.extend(
+            f"{format_path(path + list(where))}: {reason}" for where, reason in rules.problems(conf)
+        )
+    elif provider.base_url is None and not (conf.get("override") or {}).get("endpoint"):
         problems.append(
             f"{format_path(path + ['override', 'endpoint'])}: required for provider '{provider.name}'"
         )
@@ -133,7 +145,28 @@ def _target_problems(
         for name, value in ((conf.get("auth") or {}).get("header") or {}).items()
         if not value.isascii() and not _latin1(value)
     )
+    gcp = (conf.get("auth") or {}).get("gcp")
+    if gcp is not None:
+        # The key is loaded at start-up: a bad one is a config error.
+        try:
+            load_service_account(gcp)
+        except ValueError as e:
+            where = format_path(path + ["auth", "gcp", "service_account_json"])
+            problems.append(f"{where}: {e}")
     return provider, problems
+
+
+def _auth(target: Target, reactor: Any, client: UpstreamClient) -> IUpstreamAuth | None:
+    """
+    What authorizes the target's requests beyond static headers (bedrock:
+    a SigV4 signer), as its provider's rules say; else, with C{auth.gcp},
+    a Google access token fetched through the instance's C{client}.
+    """
+    rules = target.provider.rules
+    auth = rules.auth(target.conf, reactor) if rules is not None else None
+    if auth is None and (target.conf.get("auth") or {}).get("gcp") is not None:
+        auth = gcp_auth(target.conf, client, reactor)
+    return auth
 
 
 def _client(reactor: Any, conf: Mapping[str, Any], path: list[str | int]) -> UpstreamClient:
@@ -162,7 +195,7 @@ def _probe_target(target: Target, active: Mapping[str, Any]) -> ProbeTarget:
     path), and nothing else.
     """
     conf = target.conf
-    endpoint = (conf.get("override") or {}).get("endpoint") or target.provider.base_url or ""
+    endpoint = (conf.get("override") or {}).get("endpoint") or default_base_url(target) or ""
     parts = urlsplit(endpoint)
     port = active.get("port") or parts.port or (443 if parts.scheme == "https" else 80)
     auth = conf.get("auth") or {}
@@ -230,14 +263,16 @@ def _build_instances(
             checker = HealthChecker(
                 target.name, route_id, _probe_target(target, active), active, probe, reactor
             )
+        client = _client(reactor, conf, path)
         instances.append(
             Instance(
                 name=target.name,
                 target=target,
-                client=_client(reactor, conf, path),
+                client=client,
                 weight=item["weight"],
                 priority=item.get("priority", 0),
                 checker=checker,
+                auth=_auth(target, reactor, client),
             )
         )
     return tuple(instances)
@@ -265,8 +300,10 @@ def _build_route(
             raise ConfigError(problems)
         assert provider is not None
         name = f"ai-proxy-{provider.name}"
+        target = Target(name, provider, conf)
+        client = _client(reactor, conf, path)
         instances: tuple[Instance, ...] = (
-            Instance(name, Target(name, provider, conf), _client(reactor, conf, path)),
+            Instance(name, target, client, auth=_auth(target, reactor, client)),
         )
         fallback = FallbackPolicy()
     else:

@@ -14,12 +14,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from aiproxy.interfaces import IBodyFilterFactory, IRequestFilter, IUpstreamAuth
+from aiproxy.convert import converter_for
+from aiproxy.interfaces import IBodyFilterFactory, IConverter, IRequestFilter, IUpstreamAuth
 from aiproxy.routing.balancer import Balancer, Selection, request_hash_key
 from aiproxy.routing.health import HealthChecker
 from aiproxy.stream.protocols import PASSTHROUGH
 from aiproxy.upstream.client import UpstreamClient
-from aiproxy.upstream.request import Target, upstream_url
+from aiproxy.upstream.request import ClientError, Target, upstream_url
 
 __all__ = ["FallbackPolicy", "Instance", "Route", "RouteTable"]
 
@@ -50,6 +51,7 @@ class Instance:
     checker: HealthChecker | None = None
     auth: IUpstreamAuth | None = None
     _urls: dict[str, str] = field(default_factory=dict, repr=False)
+    _converters: dict[str, IConverter | None] = field(default_factory=dict, repr=False)
 
     @property
     def healthy(self) -> bool:
@@ -58,13 +60,44 @@ class Instance:
         """
         return self.checker is None or self.checker.healthy
 
-    def upstream_url(self, protocol: str, client_path: str, client_query: str) -> str:
+    def converter(self, protocol: str) -> IConverter | None:
+        """
+        The converter of C{protocol} requests to this instance (L{None}:
+        they go as they are); chosen once per protocol.
+
+        @raise ClientError: 400 when the instance cannot serve C{protocol}.
+        """
+        try:
+            return self._converters[protocol]
+        except KeyError:
+            converter = self._converters[protocol] = converter_for(self.target, protocol)
+            return converter
+
+    def accepts(self, protocol: str) -> bool:
+        """
+        Whether the instance serves C{protocol} requests (as they are, or
+        converted).
+        """
+        try:
+            self.converter(protocol)
+        except ClientError:
+            return False
+        return True
+
+    def upstream_url(
+        self,
+        protocol: str,
+        client_path: str,
+        client_query: str,
+        body: Mapping[str, Any] | None = None,
+    ) -> str:
         """
         The upstream URL of a request (see L{aiproxy.upstream.request.upstream_url});
-        computed once per protocol unless it depends on the client's path.
+        computed once per protocol unless it depends on the client's path or
+        on the body (a provider with C{rules}, as bedrock).
         """
-        if protocol == PASSTHROUGH:
-            return upstream_url(self.target, protocol, client_path, client_query)
+        if protocol == PASSTHROUGH or self.target.provider.rules is not None:
+            return upstream_url(self.target, protocol, client_path, client_query, body)
         url = self._urls.get(protocol)
         if url is None:
             url = self._urls[protocol] = upstream_url(
@@ -159,8 +192,8 @@ class Route:
 
     def selection(self, request: Any, protocol: str) -> Selection[Instance]:
         """
-        Start picking instances for C{request}, among those whose provider
-        serves C{protocol}.
+        Start picking instances for C{request}, among those that serve
+        C{protocol} (as it is, or converted).
         """
         balancer = self.balancer
         key = None
@@ -172,7 +205,7 @@ class Route:
             def key() -> str:
                 return request_hash_key(request, hash_on, hash_key)
 
-        return balancer.selection(lambda i: i.target.provider.serves(protocol), key)
+        return balancer.selection(lambda i: i.accepts(protocol), key)
 
 
 class RouteTable:

@@ -15,9 +15,13 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from aiproxy.stream.eventstream import encode_message
+
 __all__ = [
     "ANTHROPIC_MESSAGES",
     "BEDROCK_CONVERSE",
+    "BEDROCK_OBSERVER",
+    "BedrockObserver",
     "OPENAI_CHAT",
     "OPENAI_EMBEDDINGS",
     "OPENAI_RESPONSES",
@@ -282,6 +286,78 @@ class ResponsesObserver(_Observer):
                         context.add_text(part["text"])
 
 
+#: Bedrock's usage names, and the names L{aiproxy.context.ExchangeContext.set_usage} reads.
+_BEDROCK_USAGE = (
+    ("inputTokens", "input_tokens"),
+    ("outputTokens", "output_tokens"),
+    ("totalTokens", "total_tokens"),
+    ("cacheReadInputTokens", "cache_read_input_tokens"),
+    ("cacheWriteInputTokens", "cache_creation_input_tokens"),
+)
+
+
+def _bedrock_usage(usage: Any, context: Any) -> None:
+    """
+    Record a Bedrock C{usage} object (C{inputTokens}, ...) in C{context}.
+    """
+    if isinstance(usage, dict):
+        context.set_usage({ours: usage[name] for name, ours in _BEDROCK_USAGE if name in usage})
+
+
+class BedrockObserver(_Observer):
+    """
+    Bedrock Converse: whole C{Converse} answers, and C{ConverseStream}
+    answers as AWS EventStream messages (L{aiproxy.stream.eventstream.EventStreamMessage}):
+    C{contentBlockDelta} carries text, C{messageStop} and C{metadata} (with
+    the usage) end the stream, and an C{exception} or C{error} message marks
+    it failed (C{done} false; its payload is not kept).
+    """
+
+    def observe_events(self, events: Iterable[Any], context: Any) -> None:
+        for message in events:
+            headers = getattr(message, "headers", None)
+            if not isinstance(headers, dict):
+                continue
+            if headers.get(":message-type", "event") != "event":
+                context.done = False
+                continue
+            kind = headers.get(":event-type")
+            if kind == "contentBlockDelta":
+                if context.wants_text:
+                    document = _json(message.payload)
+                    delta = document.get("delta") if isinstance(document, dict) else None
+                    text = delta.get("text") if isinstance(delta, dict) else None
+                    if isinstance(text, str):
+                        context.add_text(text)
+            elif kind == "contentBlockStart":
+                if b'"toolUse"' in message.payload:
+                    context.has_tool_calls = True
+            elif kind == "messageStop":
+                context.done = True
+            elif kind == "metadata":
+                document = _json(message.payload)
+                if isinstance(document, dict):
+                    _bedrock_usage(document.get("usage"), context)
+                context.done = True
+
+    def read_document(self, document: Mapping[str, Any], context: Any) -> None:
+        _bedrock_usage(document.get("usage"), context)
+        output = document.get("output")
+        message = output.get("message") if isinstance(output, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            if not isinstance(block, dict):
+                continue
+            if isinstance(block.get("text"), str):
+                context.add_text(block["text"])
+            elif "toolUse" in block:
+                context.has_tool_calls = True
+
+
+#: Reads Bedrock answers; any AWS EventStream framing (other items are ignored).
+BEDROCK_OBSERVER = BedrockObserver()
+
+
 class PassthroughObserver(_Observer):
     """
     Anything else: only a C{[DONE]} event or a JSON body's C{model} and
@@ -298,6 +374,7 @@ _OBSERVERS: dict[str, _Observer] = {
     OPENAI_CHAT: OpenAIChatObserver(),
     ANTHROPIC_MESSAGES: AnthropicObserver(),
     OPENAI_RESPONSES: ResponsesObserver(),
+    BEDROCK_CONVERSE: BEDROCK_OBSERVER,
 }
 _PASSTHROUGH_OBSERVER = PassthroughObserver()
 
@@ -314,14 +391,23 @@ def observer_for(protocol: str) -> _Observer:
 
 def error_event(protocol: str, message: str, code: str) -> bytes:
     """
-    The final SSE event telling a client of C{protocol} that its stream was
+    The final event telling a client of C{protocol} that its stream was
     cut short: C{data: {"error": ...}} for OpenAI-shaped protocols,
-    C{event: error} for Anthropic and Responses.
+    C{event: error} for Anthropic and Responses; for Bedrock Converse an
+    AWS EventStream C{exception} message (C{internalServerException},
+    payload C{{"message": ...}}), as Bedrock ends a failed stream.
 
     @param message: the human-readable reason.
     @param code: a machine-readable reason (the abort reason).
     """
     payload: dict[str, Any]
+    if protocol == BEDROCK_CONVERSE:
+        headers = {
+            ":exception-type": "internalServerException",
+            ":content-type": "application/json",
+            ":message-type": "exception",
+        }
+        return encode_message(headers, json.dumps({"message": message}).encode())
     if protocol == ANTHROPIC_MESSAGES:
         payload = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from twisted.internet.interfaces import IReactorTime
+
+from aiproxy.convert.vertex_predict import VERTEX_PREDICT
+from aiproxy.interfaces import IUpstreamAuth
 from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
+    BEDROCK_CONVERSE,
     OPENAI_CHAT,
     OPENAI_EMBEDDINGS,
     OPENAI_RESPONSES,
     PASSTHROUGH,
 )
+from aiproxy.upstream import bedrock, vertex
 
-__all__ = ["PROVIDERS", "Provider", "UnsupportedProvider", "get_provider"]
+__all__ = ["PROVIDERS", "Provider", "ProviderRules", "UnsupportedProvider", "get_provider"]
 
 _OPENAI_PATHS = {
     OPENAI_CHAT: "/v1/chat/completions",
@@ -30,6 +37,49 @@ class UnsupportedProvider(Exception):
     """
     The schema knows the provider, but this version does not serve it.
     """
+
+
+class ProviderRules(Protocol):
+    """
+    What a provider needs beyond a fixed host and path table (bedrock:
+    L{aiproxy.upstream.bedrock.RULES}): each method gets the target's config
+    (an C{ai-proxy} config or a multi instance's).
+
+    @ivar note: said of the provider in the provider table of the docs.
+    """
+
+    note: str
+
+    def problems(self, conf: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+        """
+        The config's problems for this provider: (path under the target,
+        reason) each.
+        """
+
+    def base_url(self, conf: Mapping[str, Any]) -> str:
+        """
+        The default C{scheme://host[:port]}, without C{override.endpoint}.
+        """
+
+    def path(self, conf: Mapping[str, Any], protocol: str, body: Mapping[str, Any]) -> str:
+        """
+        The default path of a request of C{protocol} with C{body} (as the
+        client and request filters left it).
+
+        @raise aiproxy.upstream.request.ClientError: when there is none.
+        """
+
+    def shape_body(self, body: dict[str, Any], protocol: str, conf: Mapping[str, Any]) -> bool:
+        """
+        The provider's own body changes, after the generic ones.
+
+        @return: whether C{body} changed.
+        """
+
+    def auth(self, conf: Mapping[str, Any], clock: IReactorTime) -> IUpstreamAuth | None:
+        """
+        What authorizes each request of the target, if anything.
+        """
 
 
 @dataclass(frozen=True)
@@ -45,6 +95,8 @@ class Provider:
     @ivar max_tokens_field: the body field C{override.llm_options.max_tokens}
         sets, per protocol.
     @ivar remove_model: the model travels in the URL, not in the body.
+    @ivar rules: the provider's own rules (host, path, body, config checks,
+        request signing), or L{None}.
     """
 
     name: str
@@ -52,6 +104,7 @@ class Provider:
     paths: Mapping[str, str]
     max_tokens_field: Mapping[str, str] = field(default_factory=dict)
     remove_model: bool = False
+    rules: ProviderRules | None = None
 
     def serves(self, protocol: str) -> bool:
         """
@@ -105,6 +158,21 @@ PROVIDERS: dict[str, Provider] = {
         "https://api.anthropic.com",
         {OPENAI_CHAT: "/v1/chat/completions", ANTHROPIC_MESSAGES: "/v1/messages"},
         {OPENAI_CHAT: "max_tokens", ANTHROPIC_MESSAGES: "max_tokens"},
+    ),
+    "bedrock": Provider(
+        "bedrock",
+        None,
+        {BEDROCK_CONVERSE: "/model/{model}/converse"},
+        {BEDROCK_CONVERSE: bedrock.MAX_TOKENS_FIELD},
+        remove_model=True,
+        rules=bedrock.RULES,
+    ),
+    "vertex-ai": Provider(
+        "vertex-ai",
+        None,
+        {OPENAI_CHAT: vertex.CHAT_PATH, VERTEX_PREDICT: vertex.PREDICT_PATH},
+        {OPENAI_CHAT: vertex.MAX_TOKENS_FIELD},
+        rules=vertex.RULES,
     ),
 }
 

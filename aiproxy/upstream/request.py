@@ -15,13 +15,16 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.web.http_headers import Headers
 
 from aiproxy.stream.protocols import OPENAI_CHAT, PASSTHROUGH, detect_protocol
-from aiproxy.upstream.providers import Provider
+
+if TYPE_CHECKING:
+    # Only a type here: providers import their rules' modules, which use this one.
+    from aiproxy.upstream.providers import Provider
 
 __all__ = [
     "ClientError",
@@ -29,6 +32,7 @@ __all__ = [
     "apply_body_overrides",
     "check_content_type",
     "deep_merge",
+    "default_base_url",
     "detect",
     "parse_body",
     "too_large_message",
@@ -226,8 +230,8 @@ def apply_body_overrides(body: dict[str, Any], protocol: str, target: Target) ->
     C{override.llm_options.max_tokens} (into the provider's field; where
     that is C{max_completion_tokens}, a client C{max_tokens} is removed, as
     APISIX does), C{override.request_body} (deep
-    merge), model removal, and C{stream_options.include_usage} for streamed
-    OpenAI chat.
+    merge), model removal, C{stream_options.include_usage} for streamed
+    OpenAI chat, and the provider's own changes (its C{rules}).
 
     @return: whether the body changed (if not, the client's bytes are sent).
     """
@@ -255,22 +259,44 @@ def apply_body_overrides(body: dict[str, Any], protocol: str, target: Target) ->
         changed = True
     if protocol == OPENAI_CHAT and body.get("stream") is True:
         changed = _set(body, ("stream_options", "include_usage"), True) or changed
+    if provider.rules is not None:
+        changed = provider.rules.shape_body(body, protocol, conf) or changed
     return changed
 
 
-def upstream_url(target: Target, protocol: str, client_path: str, client_query: str) -> str:
+def default_base_url(target: Target) -> str | None:
+    """
+    The provider's C{scheme://host[:port]} for C{target} without
+    C{override.endpoint} (from its config when the provider's rules say
+    it), or L{None} when the endpoint is required.
+    """
+    rules = target.provider.rules
+    return rules.base_url(target.conf) if rules is not None else target.provider.base_url
+
+
+def upstream_url(
+    target: Target,
+    protocol: str,
+    client_path: str,
+    client_query: str,
+    body: Mapping[str, Any] | None = None,
+) -> str:
     """
     The upstream URL: C{override.endpoint} (its path verbatim when it has
     one, even C{/}, else the provider's default path), else the provider's
-    default host and path. The query is C{auth.query} with the endpoint's
-    own parameters over it (as APISIX merges them); the client's query is
-    not forwarded. Passthrough keeps the client's path, and its query goes
+    default host and path. A provider with C{rules} makes its default path
+    from C{body} (bedrock: the model and C{stream}). The query is
+    C{auth.query} with the endpoint's own parameters over it (as APISIX
+    merges them); the client's query is not forwarded. Passthrough keeps the client's path, and its query goes
     over the endpoint's; the client cannot override C{auth.query}
     parameters.
+
+    @raise ClientError: when the provider's rules find no path (bedrock
+        without a model).
     """
     conf = target.conf
     endpoint = (conf.get("override") or {}).get("endpoint")
-    base = endpoint or target.provider.base_url
+    base = endpoint or default_base_url(target)
     if base is None:
         raise ClientError(500, f"provider {target.provider.name} needs override.endpoint")
     scheme, netloc, path, query, _ = urlsplit(base)
@@ -281,7 +307,11 @@ def upstream_url(target: Target, protocol: str, client_path: str, client_query: 
         names = {k for k, _ in given}
         params = [(k, v) for k, v in params if k not in names] + given
     elif not endpoint or not path:
-        path = target.provider.paths[protocol]
+        rules = target.provider.rules
+        if rules is not None:
+            path = rules.path(conf, protocol, body or {})
+        else:
+            path = target.provider.paths[protocol]
     auth_query = (conf.get("auth") or {}).get("query") or {}
     if auth_query:
         if protocol == PASSTHROUGH:
@@ -299,11 +329,13 @@ def upstream_headers(
     The upstream request headers: the client's minus hop-by-hop (also
     those its C{Connection} header names), C{host},
     C{content-length} and C{accept-encoding}, minus its credentials when
-    the route supplies its own; then C{auth.header} (always winning) and
+    the route supplies its own (C{auth.header}, C{auth.query}, or a
+    signature or token from C{auth.aws} or C{auth.gcp}); then
+    C{auth.header} (always winning) and
     C{content-type: application/json}.
     """
     auth_headers: Mapping[str, str] = auth.get("header") or {}
-    own_credentials = bool(auth_headers or auth.get("query"))
+    own_credentials = bool(auth_headers or auth.get("query") or auth.get("aws") or auth.get("gcp"))
     replaced = {name.lower().encode("latin-1") for name in auth_headers}
     client_headers = list(client_headers)
     # Headers the client names in Connection are hop-by-hop too (RFC 9110 7.6.1).

@@ -2,14 +2,23 @@
 """
 A deterministic mock LLM upstream on twisted.web, controllable per request.
 
-It speaks four APIs, chosen by the end of a C{POST} request's path (the
+It speaks eight APIs, chosen by the end of a C{POST} request's path (the
 prefix is free, so any C{override.endpoint} path works):
 
   - C{.../chat/completions}: OpenAI chat completions, streamed as
     C{chat.completion.chunk} events when the body has C{"stream": true};
   - C{.../v1/messages}: Anthropic Messages, streamed or not;
   - C{.../responses}: OpenAI Responses (minimal), streamed or not;
-  - C{.../embeddings}: one vector.
+  - C{.../embeddings}: one vector;
+  - C{.../converse}: Amazon Bedrock Converse, never streamed;
+  - C{.../converse-stream}: Amazon Bedrock ConverseStream, always streamed
+    as AWS EventStream messages (C{application/vnd.amazon.eventstream});
+  - C{...:predict}: Vertex AI predict of a text embedding model (Vertex
+    chat goes to C{.../chat/completions} above);
+  - C{.../token}: an OAuth2 token endpoint for Google's JWT-bearer grant
+    (form-encoded), answering C{{"access_token": "mock-token-<n>",
+    "expires_in", "token_type"}}, C{n} counted in C{token_requests}
+    (L{aiproxy.testing.upstream.oauth}).
 
 Any other request is echoed back as JSON (method, path, query, headers,
 body) with status 200. Administrative resources, which are neither recorded

@@ -80,6 +80,7 @@ class MockStats:
     aborts it.
 
     @ivar requests: Requests answered, administrative ones excepted.
+    @ivar token_requests: Those of them made to the OAuth2 token endpoint.
     @ivar events_sent: Data events written on all streams (comments excepted).
     @ivar streams_started: Streams begun.
     @ivar streams_finished: Streams that ended normally.
@@ -91,6 +92,7 @@ class MockStats:
     """
 
     requests: int = 0
+    token_requests: int = 0
     events_sent: int = 0
     streams_started: int = 0
     streams_finished: int = 0
@@ -115,6 +117,7 @@ class MockStats:
         """
         return {
             "requests": self.requests,
+            "token_requests": self.token_requests,
             "events_sent": self.events_sent,
             "streams_started": self.streams_started,
             "streams_finished": self.streams_finished,

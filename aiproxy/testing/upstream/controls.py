@@ -64,7 +64,9 @@ class MockControls:
     @ivar usage: Report token usage; C{0} omits it even when asked for.
     @ivar tool_calls: The content is a tool call's arguments (chat
         completions and messages).
-    @ivar prompt_tokens: The prompt token count reported in usage.
+    @ivar prompt_tokens: The prompt token count reported in usage (per
+        instance of a C{:predict} call).
+    @ivar expires_in: The C{expires_in} of a token endpoint answer, seconds.
     """
 
     events: int = 5
@@ -85,6 +87,7 @@ class MockControls:
     usage: bool = True
     tool_calls: bool = False
     prompt_tokens: int = 10
+    expires_in: int = 3600
 
     @classmethod
     def from_request(cls, request: Request) -> MockControls:
@@ -200,4 +203,5 @@ _CONTROL_PARSERS: dict[str, Callable[[str], Any]] = {
     "usage": _flag,
     "tool_calls": _flag,
     "prompt_tokens": _natural,
+    "expires_in": _positive,
 }

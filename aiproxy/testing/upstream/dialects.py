@@ -7,7 +7,7 @@ the shapes of its whole answer, its stream of events and its error body.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import count
@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from twisted.web.server import Request
 
+from aiproxy.stream.eventstream import encode_message
 from aiproxy.testing.upstream.controls import MockControls
 
 __all__ = ["CREATED", "DEFAULT_MODEL"]
@@ -39,6 +40,18 @@ class _Event(NamedTuple):
     data: Any
 
 
+class _Framing(NamedTuple):
+    """
+    A stream framing other than Server-Sent Events.
+
+    @ivar content_type: The stream's C{Content-Type}.
+    @ivar encode: The wire form of one event.
+    """
+
+    content_type: str
+    encode: Callable[[_Event], bytes]
+
+
 @dataclass
 class _Script:
     """
@@ -48,11 +61,14 @@ class _Script:
     @ivar head: Events before the content.
     @ivar contents: One event per content piece, maybe endless.
     @ivar tail: Events after the content.
+    @ivar framing: How the events are framed; C{None} for Server-Sent
+        Events.
     """
 
     head: list[_Event]
     contents: Iterator[_Event]
     tail: list[_Event]
+    framing: _Framing | None = None
 
 
 def _split(text: str, parts: int) -> list[str]:
@@ -156,6 +172,13 @@ class _Dialect:
         @return: The non-streamed answer.
         """
         raise NotImplementedError
+
+    def streams(self, turn: _Turn) -> bool:
+        """
+        @param turn: The call.
+        @return: Whether it asks for a stream: its body's C{"stream": true}.
+        """
+        return turn.streaming
 
     def stream(self, turn: _Turn) -> _Script | None:
         """
@@ -412,6 +435,145 @@ class _Embeddings(_Dialect):
         return answer
 
 
+#: The C{status} of a Google API error, by HTTP status.
+_GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+}
+
+
+class _Predict(_Dialect):
+    """
+    Vertex AI C{:predict} of a text embedding model: one prediction per
+    C{instances} item, each the fixed vector with C{prompt_tokens} as its
+    C{statistics.token_count}; never a stream; Google's error shape.
+    """
+
+    def streams(self, turn: _Turn) -> bool:
+        return False
+
+    def complete(self, turn: _Turn) -> dict[str, Any]:
+        instances = turn.payload.get("instances")
+        if not isinstance(instances, list):
+            instances = []
+        predictions = []
+        for _ in instances:
+            embeddings: dict[str, Any] = {"values": _EMBEDDING}
+            if turn.controls.usage:
+                statistics = {"token_count": turn.controls.prompt_tokens, "truncated": False}
+                embeddings["statistics"] = statistics
+            predictions.append({"embeddings": embeddings})
+        characters = sum(
+            len(item["content"])
+            for item in instances
+            if isinstance(item, dict) and isinstance(item.get("content"), str)
+        )
+        return {"predictions": predictions, "metadata": {"billableCharacterCount": characters}}
+
+    def error(self, status: int, message: str) -> dict[str, Any]:
+        google = _GOOGLE_STATUSES.get(status, "INTERNAL")
+        return {"error": {"code": status, "message": message, "status": google}}
+
+
+def _eventstream_frame(event: _Event) -> bytes:
+    """
+    @param event: A Bedrock stream event: its type and payload.
+    @return: Its AWS EventStream message.
+    """
+    headers = {
+        ":event-type": event.name or "",
+        ":content-type": "application/json",
+        ":message-type": "event",
+    }
+    return encode_message(headers, json.dumps(event.data, separators=(",", ":")).encode("utf-8"))
+
+
+_EVENTSTREAM = _Framing("application/vnd.amazon.eventstream", _eventstream_frame)
+
+
+class _Converse(_Dialect):
+    """
+    Amazon Bedrock Converse (C{/model/{model}/converse}): never a stream,
+    the model is in the path and the body has none.
+    """
+
+    def streams(self, turn: _Turn) -> bool:
+        return False
+
+    def _stop_reason(self, turn: _Turn) -> str:
+        return "tool_use" if turn.controls.tool_calls else "end_turn"
+
+    def _usage(self, turn: _Turn) -> dict[str, int]:
+        prompt, completion = turn.controls.prompt_tokens, turn.completion_tokens
+        return {
+            "inputTokens": prompt,
+            "outputTokens": completion,
+            "totalTokens": prompt + completion,
+        }
+
+    def complete(self, turn: _Turn) -> dict[str, Any]:
+        block: dict[str, Any] = {"text": turn.text}
+        if turn.controls.tool_calls:
+            block = {
+                "toolUse": {
+                    "toolUseId": f"tooluse_mock_{turn.number}",
+                    "name": _TOOL_NAME,
+                    "input": {"text": turn.text},
+                }
+            }
+        answer: dict[str, Any] = {
+            "output": {"message": {"role": "assistant", "content": [block]}},
+            "stopReason": self._stop_reason(turn),
+            "metrics": {"latencyMs": 1},
+        }
+        if turn.controls.usage:
+            answer["usage"] = self._usage(turn)
+        return answer
+
+    def error(self, status: int, message: str) -> dict[str, Any]:
+        return {"message": message}
+
+
+class _ConverseStream(_Converse):
+    """
+    Amazon Bedrock ConverseStream (C{/model/{model}/converse-stream}):
+    always a stream of AWS EventStream messages, C{messageStart},
+    C{contentBlockDelta}..., C{contentBlockStop}, C{messageStop} and
+    C{metadata} (with the usage).
+    """
+
+    def streams(self, turn: _Turn) -> bool:
+        return True
+
+    def stream(self, turn: _Turn) -> _Script:
+        head = [_Event("messageStart", {"role": "assistant"})]
+        if turn.controls.tool_calls:
+            start = {"toolUse": {"toolUseId": f"tooluse_mock_{turn.number}", "name": _TOOL_NAME}}
+            head.append(_Event("contentBlockStart", {"contentBlockIndex": 0, "start": start}))
+
+        def delta(piece: str) -> _Event:
+            value = {"toolUse": {"input": piece}} if turn.controls.tool_calls else {"text": piece}
+            return _Event("contentBlockDelta", {"contentBlockIndex": 0, "delta": value})
+
+        metadata: dict[str, Any] = {"metrics": {"latencyMs": 1}}
+        if turn.controls.usage:
+            metadata["usage"] = self._usage(turn)
+        return _Script(
+            head=head,
+            contents=(delta(piece) for piece in turn.stream_pieces()),
+            tail=[
+                _Event("contentBlockStop", {"contentBlockIndex": 0}),
+                _Event("messageStop", {"stopReason": self._stop_reason(turn)}),
+                _Event("metadata", metadata),
+            ],
+            framing=_EVENTSTREAM,
+        )
+
+
 _OPENAI_ERRORS = _Dialect()
 """The error shape of echoed requests."""
 
@@ -420,6 +582,9 @@ _DIALECTS: list[tuple[bytes, _Dialect]] = [
     (b"/v1/messages", _Messages()),
     (b"/responses", _Responses()),
     (b"/embeddings", _Embeddings()),
+    (b"/converse", _Converse()),
+    (b"/converse-stream", _ConverseStream()),
+    (b":predict", _Predict()),
 ]
 
 

@@ -113,7 +113,7 @@ def _stream_reply(headers: dict[str, str], script: _Script, controls: MockContro
     @param headers: Headers to send besides the stream's own.
     @param script: The events.
     @param controls: The controls (C{crlf}, C{keepalive_comments},
-        C{truncate}, C{events}).
+        C{truncate}, C{events}; the first two for Server-Sent Events only).
     @return: The reply.
     """
     events: Iterator[_Event] = (
@@ -121,13 +121,19 @@ def _stream_reply(headers: dict[str, str], script: _Script, controls: MockContro
         if controls.truncate
         else chain(script.head, script.contents, script.tail)
     )
-    end = "\r\n" if controls.crlf else "\n"
-    comment = f": keep-alive{end}{end}".encode("ascii")
-    stream = _EventStream(
-        comments=[comment] * controls.keepalive_comments,
-        events=(_encode_event(event, controls.crlf) for event in events),
-    )
-    headers = {**headers, "content-type": _EVENT_STREAM, "cache-control": "no-cache"}
+    framing = script.framing
+    if framing is not None:
+        stream = _EventStream(comments=[], events=(framing.encode(event) for event in events))
+        content_type = framing.content_type
+    else:
+        end = "\r\n" if controls.crlf else "\n"
+        comment = f": keep-alive{end}{end}".encode("ascii")
+        stream = _EventStream(
+            comments=[comment] * controls.keepalive_comments,
+            events=(_encode_event(event, controls.crlf) for event in events),
+        )
+        content_type = _EVENT_STREAM
+    headers = {**headers, "content-type": content_type, "cache-control": "no-cache"}
     return _Reply(200, headers, stream, truncate=controls.truncate)
 
 
@@ -163,7 +169,7 @@ def _plan(turn: _Turn, dialect: _Dialect | None, echo: dict[str, Any]) -> _Reply
         reply = _raw_reply(headers, b"data: " + b"x" * controls.giant_line, True)
     elif dialect is None:
         reply = _json_reply(200, headers, echo)
-    elif turn.streaming and (script := dialect.stream(turn)) is not None:
+    elif dialect.streams(turn) and (script := dialect.stream(turn)) is not None:
         reply = _stream_reply(headers, script, controls)
     else:
         reply = _json_reply(200, headers, dialect.complete(turn))

@@ -22,6 +22,7 @@ from aiproxy.testing.upstream.bookkeeping import MockStats, RecordedRequest
 from aiproxy.testing.upstream.controls import MockControls, _query
 from aiproxy.testing.upstream.delivery import _Delivery
 from aiproxy.testing.upstream.dialects import _OPENAI_ERRORS, _dialect_for, _Turn
+from aiproxy.testing.upstream.oauth import TOKEN_PATH, token_reply
 from aiproxy.testing.upstream.replies import _JSON, _error_reply, _headers, _json_bytes, _plan
 
 __all__ = ["RECORDED_REQUESTS", "MockUpstream", "RunningMockUpstream", "start_mock_upstream"]
@@ -92,6 +93,8 @@ class _MockResource(Resource):
         """
         route = self._admin.get(request.path)
         if route is None:
+            if request.method == b"POST" and request.path.endswith(TOKEN_PATH):
+                return self._answer_token(request)
             return self._answer(request)
         method, render = route
         if request.method != method:
@@ -141,6 +144,32 @@ class _MockResource(Resource):
         else:
             turn = _Turn(stats.requests, payload, controls)
             reply = _plan(turn, dialect, _echo(request, record))
+        _Delivery(request, self._clock, stats, reply, controls).start()
+        return NOT_DONE_YET
+
+    def _answer_token(self, request: Request) -> int:
+        """
+        Record and count a call of the OAuth2 token endpoint
+        (L{aiproxy.testing.upstream.oauth}) and start delivering its answer.
+
+        @param request: The call.
+        @return: C{NOT_DONE_YET}.
+        """
+        body = request.content.read() if request.content is not None else b""
+        self._upstream.requests.append(RecordedRequest.from_request(request, body))
+        stats = self._upstream.stats
+        stats.requests += 1
+        stats.token_requests += 1
+        headers = _headers(stats.requests)
+        try:
+            controls = MockControls.from_request(request)
+        except ValueError as error:
+            controls = MockControls()
+            problem = {"error": "invalid_request", "error_description": str(error)}
+            reply = _error_reply(400, headers, problem)
+        else:
+            content_type = request.getHeader(b"content-type")
+            reply = token_reply(stats.token_requests, body, content_type, controls, headers)
         _Delivery(request, self._clock, stats, reply, controls).start()
         return NOT_DONE_YET
 
