@@ -35,7 +35,8 @@ from aiproxy.builtin.response_redact import ResponseRedact  # noqa: E402
 from aiproxy.context import ExchangeContext  # noqa: E402
 from aiproxy.filters import BodyFilterChain, Terminate, open_chain  # noqa: E402
 from aiproxy.interfaces import IBodyFilter, IBodyFilterFactory  # noqa: E402
-from aiproxy.stream.protocols import OPENAI_CHAT, observer_for  # noqa: E402
+from aiproxy.stream.observers import observer_for  # noqa: E402
+from aiproxy.stream.protocols import OPENAI_CHAT  # noqa: E402
 from aiproxy.stream.sse import SSEDecoder  # noqa: E402
 
 __all__ = ["build_stream", "main", "run_stream"]

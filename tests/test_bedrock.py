@@ -2,7 +2,7 @@
 """
 Tests for provider C{bedrock}: L{aiproxy.upstream.sigv4} (AWS's SigV4 test
 vectors and botocore's signer), L{aiproxy.upstream.bedrock} (the Converse
-URL and body), its config checks, L{aiproxy.stream.protocols.BedrockObserver},
+URL and body), its config checks, L{aiproxy.stream.observers.BedrockObserver},
 the mock's Converse dialects, the upstream requests the gateway sends, and
 one end-to-end run through the real daemon.
 """
@@ -31,13 +31,8 @@ from aiproxy.interfaces import IUpstreamAuth
 from aiproxy.routing.build import build_routes
 from aiproxy.schema import load_schema
 from aiproxy.stream.eventstream import EventStreamDecoder, EventStreamMessage, encode_message
-from aiproxy.stream.protocols import (
-    BEDROCK_CONVERSE,
-    BEDROCK_OBSERVER,
-    BedrockObserver,
-    error_event,
-    observer_for,
-)
+from aiproxy.stream.observers import BEDROCK_OBSERVER, BedrockObserver, observer_for
+from aiproxy.stream.protocols import BEDROCK_CONVERSE, error_event
 from aiproxy.testing.upstream.controls import MockControls
 from aiproxy.testing.upstream.dialects import _Converse, _ConverseStream, _Turn
 from aiproxy.testing.upstream.replies import _EventStream, _plan

@@ -13,7 +13,8 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from aiproxy.context import ExchangeContext
-from aiproxy.stream import protocols
+from aiproxy.stream import observers
+from aiproxy.stream.observers import observer_for
 from aiproxy.stream.protocols import (
     ANTHROPIC_MESSAGES,
     OPENAI_CHAT,
@@ -21,7 +22,6 @@ from aiproxy.stream.protocols import (
     OPENAI_RESPONSES,
     PASSTHROUGH,
     error_event,
-    observer_for,
 )
 from aiproxy.stream.sse import SSEDecoder, SSEEvent
 
@@ -221,13 +221,13 @@ class OpenAIChatTests(SynchronousTestCase):
         is known (the hot path); only the chunk with a usage object is.
         """
         parsed: list[bytes] = []
-        original = protocols._json
+        original = observers._json
 
         def counting(data: bytes) -> Any:
             parsed.append(data)
             return original(data)
 
-        self.patch(protocols, "_json", counting)
+        self.patch(observers, "_json", counting)
         context = observe(OPENAI_CHAT, OPENAI_STREAM)
         self.assertEqual(len(parsed), 2)
         self.assertIn(b'"role"', parsed[0])

@@ -41,7 +41,8 @@ from aiproxy.exchange.relay import (
 )
 from aiproxy.filters import BodyFilterChain, Replace, Terminate
 from aiproxy.interfaces import IRelay, IStreamStage
-from aiproxy.stream.protocols import OPENAI_CHAT, PASSTHROUGH, observer_for
+from aiproxy.stream.observers import observer_for
+from aiproxy.stream.protocols import OPENAI_CHAT, PASSTHROUGH
 from aiproxy.stream.sse import SSEDecoder
 from tests.helpers import log_events
 from tests.test_multi import IN_BAND_ERROR, ROLE

@@ -22,7 +22,8 @@ from aiproxy.exchange.relay import Basis, StreamRelay, TimedStreamRelay
 from aiproxy.filters import open_chain
 from aiproxy.interfaces import IBodyFilterFactory, IConverter, IStreamStage
 from aiproxy.stream.eventstream import EventStreamDecoder
-from aiproxy.stream.protocols import BEDROCK_CONVERSE, NULL_OBSERVER, PASSTHROUGH, observer_for
+from aiproxy.stream.observers import NULL_OBSERVER, observer_for
+from aiproxy.stream.protocols import BEDROCK_CONVERSE, PASSTHROUGH
 from aiproxy.stream.sse import SSEDecoder
 
 __all__ = ["EVENTSTREAM", "SSE", "Relays", "relayed_head"]

@@ -27,7 +27,7 @@ from aiproxy.exchange.relay import (
 )
 from aiproxy.filters import Terminate
 from aiproxy.interfaces import IConverter, IStreamStage
-from aiproxy.stream.protocols import observer_for
+from aiproxy.stream.observers import observer_for
 
 __all__ = ["BufferedRelay"]
 
