@@ -46,13 +46,12 @@ from aiproxy.testing.upstream import MockUpstream
 from aiproxy.testing.upstream.controls import MockControls
 from aiproxy.testing.upstream.dialects import _Predict, _Turn
 from aiproxy.testing.upstream.replies import _plan
-from aiproxy.upstream.gcp import (
+from aiproxy.upstream.gcp import GCPTokenAuth, _read
+from aiproxy.upstream.gcp_account import (
     ENVIRONMENT_VARIABLE,
     GRANT_TYPE,
     SCOPE,
-    GCPTokenAuth,
     ServiceAccount,
-    _read,
     load_service_account,
 )
 from aiproxy.upstream.providers import get_provider

@@ -28,7 +28,8 @@ from aiproxy.routing.health import HealthChecker, HTTPProbe, ProbeTarget, parse_
 from aiproxy.routing.routes import FallbackPolicy, Instance, Route, RouteTable
 from aiproxy.schema import format_path
 from aiproxy.upstream.client import UpstreamClient
-from aiproxy.upstream.gcp import gcp_auth, load_service_account
+from aiproxy.upstream.gcp import gcp_auth
+from aiproxy.upstream.gcp_account import load_service_account
 from aiproxy.upstream.providers import Provider, UnsupportedProvider, get_provider
 from aiproxy.upstream.request import Target, default_base_url
 
