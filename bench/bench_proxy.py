@@ -12,6 +12,11 @@ within one run, not absolute numbers across machines.
     python bench/bench_proxy.py                       # every scenario
     python bench/bench_proxy.py --scenario paced --flush-ms 0,10
     python bench/bench_proxy.py --pin 1               # proxy on CPU 1 (taskset)
+    python bench/bench_proxy.py --scenario throughput,converted   # conversion's cost
+
+The `converted` scenario is `throughput` with an Anthropic Messages client
+on the same OpenAI upstream (every event converted); its CPU per event is
+per upstream event, so it compares with `throughput`'s.
 
 Two installations in one run (each twistd imports its own aiproxy; their
 runs alternate within every round, so drift hits both; medians over rounds):
@@ -171,14 +176,19 @@ async def _read_response(
 
 
 async def client(
-    port: int, stream: bool, deadline: float, count: int | None, results: Results
+    port: int, stream: bool, deadline: float, count: int | None, results: Results, path: bytes
 ) -> None:
-    body = json.dumps(
-        {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-    ).encode()
+    document = {
+        "model": "bench-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+    }
+    if path == MESSAGES_PATH:
+        document["max_tokens"] = 1024
+    body = json.dumps(document).encode()
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (path, len(body), body)
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     done = 0
@@ -199,10 +209,13 @@ async def client(
 
 # -- the proxy ----------------------------------------------------------------
 
+CHAT_PATH = b"/v1/chat/completions"
+MESSAGES_PATH = b"/v1/messages"
+
 CONFIG = """\
 listen: "tcp:port={port}:interface=127.0.0.1"
 routes:
-  - uri: /v1/chat/completions
+  - uris: [/v1/chat/completions, /v1/messages]
     plugins:
       ai-proxy:
         provider: openai
@@ -280,11 +293,13 @@ SCENARIOS = {
     "paced": (200, 5, 64, True, 8.0),
     "latency": (50, 20, 1, True, 6.0),
     "nonstream": (0, 0, 32, False, 8.0),
+    "converted": (200, 0, 64, True, 8.0),
 }
 
 
 async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build: Build) -> dict:
     events, delay, concurrency, stream, seconds = SCENARIOS[scenario]
+    path = MESSAGES_PATH if scenario == "converted" else CHAT_PATH
     upstream = Upstream(events, delay)
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0, backlog=2048)
     upstream_port = server.sockets[0].getsockname()[1]
@@ -304,14 +319,17 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build
             warm = Results()
             await asyncio.gather(
                 *(
-                    client(port, stream, time.perf_counter() + 1.0, None, warm)
+                    client(port, stream, time.perf_counter() + 1.0, None, warm, path)
                     for _ in range(concurrency)
                 )
             )
             results = Results()
             cpu0, wall0 = _cpu_seconds(proxy.pid), time.perf_counter()
             await asyncio.gather(
-                *(client(port, stream, wall0 + seconds, None, results) for _ in range(concurrency))
+                *(
+                    client(port, stream, wall0 + seconds, None, results, path)
+                    for _ in range(concurrency)
+                )
             )
             wall = time.perf_counter() - wall0
             cpu = _cpu_seconds(proxy.pid) - cpu0
@@ -323,6 +341,9 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build
             for task in asyncio.all_tasks() - {asyncio.current_task()}:
                 task.cancel()
     units = results.events if stream else results.requests
+    if path == MESSAGES_PATH:
+        # Per upstream event (its deltas, the usage chunk and [DONE]).
+        units = results.requests * (events + 2)
     return {
         "requests_per_s": results.requests / wall,
         "events_per_s": results.events / wall,
