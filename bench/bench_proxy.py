@@ -299,7 +299,7 @@ SCENARIOS = {
 
 async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build: Build) -> dict:
     events, delay, concurrency, stream, seconds = SCENARIOS[scenario]
-    path = MESSAGES_PATH if scenario == "converted" else CHAT_PATH
+    client_path = MESSAGES_PATH if scenario == "converted" else CHAT_PATH
     upstream = Upstream(events, delay)
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0, backlog=2048)
     upstream_port = server.sockets[0].getsockname()[1]
@@ -319,7 +319,7 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build
             warm = Results()
             await asyncio.gather(
                 *(
-                    client(port, stream, time.perf_counter() + 1.0, None, warm, path)
+                    client(port, stream, time.perf_counter() + 1.0, None, warm, client_path)
                     for _ in range(concurrency)
                 )
             )
@@ -327,7 +327,7 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build
             cpu0, wall0 = _cpu_seconds(proxy.pid), time.perf_counter()
             await asyncio.gather(
                 *(
-                    client(port, stream, wall0 + seconds, None, results, path)
+                    client(port, stream, wall0 + seconds, None, results, client_path)
                     for _ in range(concurrency)
                 )
             )
@@ -341,7 +341,7 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build
             for task in asyncio.all_tasks() - {asyncio.current_task()}:
                 task.cancel()
     units = results.events if stream else results.requests
-    if path == MESSAGES_PATH:
+    if client_path == MESSAGES_PATH:
         # Per upstream event (its deltas, the usage chunk and [DONE]).
         units = results.requests * (events + 2)
     return {
