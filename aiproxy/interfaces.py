@@ -206,13 +206,10 @@ class IStreamStage(Interface):
 class IRelay(Interface):
     """
     Receives one upstream response body (it is the protocol given to
-    C{deliverBody}) and passes it on to the client.
+    C{deliverBody}) and passes it on to the client; how the body ended
+    (L{aiproxy.exchange.relay.Complete}, C{Failed}, C{Cut} or a C{Terminate})
+    is told once to the callable the relay was made with.
     """
-
-    done = Attribute(
-        "A Deferred firing once with how the body ended: "
-        "L{aiproxy.exchange.relay.Complete}, C{Failed}, C{Cut} or a C{Terminate}."
-    )
 
     mid_event = Attribute(
         "Whether what was relayed to the client ends inside an event (an "
@@ -222,7 +219,7 @@ class IRelay(Interface):
     def stop() -> None:
         """
         Stop reading the body (its connection is closed, never pooled) and
-        ignore whatever else it does; C{done} does not fire after.
+        ignore whatever else it does; how it ended is not told after.
         """
 
 

@@ -5,7 +5,7 @@ L{TimedStreamRelay} (L{aiproxy.exchange.relay}), L{HeldRelay}
 (L{aiproxy.exchange.held}) and L{BufferedRelay}
 (L{aiproxy.exchange.buffered}), each fed an upstream body by hand
 (the L{FakeResponse} of C{tests.test_proxy}) and writing to a recorded
-C{write}; how the body ended is what C{done} fires with.
+C{write}; how the body ended is what the basis' C{on_end} is told.
 """
 
 from __future__ import annotations
@@ -130,7 +130,14 @@ class RelayCase(SynchronousTestCase):
         What a relay works with: the test's context, clock and deadlines,
         C{limit} as C{max_response_bytes}, and its start recorded.
         """
-        return Basis(self.context, self.clock, self.deadlines, limit, self.started.append)
+        return Basis(
+            self.context,
+            self.clock,
+            self.deadlines,
+            limit,
+            self.started.append,
+            self.outcomes.append,
+        )
 
     def stream_args(self, limit: int | None = None, idle_counts_all: bool = False) -> tuple:
         """
@@ -148,9 +155,8 @@ class RelayCase(SynchronousTestCase):
 
     def watch(self, relay: Any) -> Any:
         """
-        Record what C{relay}'s C{done} fires with, and deliver the body to it.
+        Deliver the body to C{relay} (its outcome is recorded by the basis).
         """
-        relay.done.addCallback(self.outcomes.append)
         self.response.deliverBody(relay)
         return relay
 
@@ -187,7 +193,7 @@ class StreamRelayTests(RelayCase):
     def test_complete(self) -> None:
         """
         Each upstream chunk is written as it is, at once; a stream ending
-        cleanly after C{[DONE]} fires C{done} with L{COMPLETE}; the
+        cleanly after C{[DONE]} ends with L{COMPLETE}; the
         observer read its figures; the transport was not stopped.
         """
         relay = self.relay()
@@ -283,7 +289,7 @@ class StreamRelayTests(RelayCase):
     def test_max_response_bytes(self) -> None:
         """
         The chunk that takes the body over C{max_response_bytes} is not
-        written: C{done} fires with the L{Cut}, the transfer is stopped
+        written: the outcome is the L{Cut}, the transfer is stopped
         and nothing after is relayed.
         """
         relay = self.relay(limit=len(delta("a")) + 5)
@@ -353,7 +359,7 @@ class StreamRelayTests(RelayCase):
 
     def test_terminating_stage(self) -> None:
         """
-        A stage's L{Terminate} ends the relay: C{done} fires with it, the
+        A stage's L{Terminate} ends the relay: the outcome is it, the
         transfer is stopped, the chunk is not written.
         """
         stop = Terminate(b"bye", reason="blocked")
@@ -421,7 +427,7 @@ class StreamRelayTests(RelayCase):
     def test_stop(self) -> None:
         """
         C{stop()} stops the transfer once; nothing is relayed after and
-        C{done} never fires.
+        no outcome is told.
         """
         relay = self.relay()
         self.response.data(delta("a"))
@@ -432,7 +438,7 @@ class StreamRelayTests(RelayCase):
         self.response.end()
         self.assertEqual(self.written, [delta("a")])
         self.assertEqual(self.outcomes, [])
-        self.assertFalse(relay.done.called)
+        self.assertEqual(self.outcomes, [])
 
     def test_stop_before_start(self) -> None:
         """
@@ -574,19 +580,16 @@ class HeldRelayTests(RelayCase):
     def held(self, limit: int | None = None, stream: StreamRelay | None = None) -> HeldRelay:
         if stream is None:
             stream = StreamRelay(*self.stream_args(limit))
-        held = HeldRelay(stream, self.released)
-        held.failed.addCallback(self.failures.append)
+        held = HeldRelay(stream, self.released, self.failures.append)
         return self.watch(held)
 
     def test_interface(self) -> None:
         """
-        A held relay provides L{IRelay}; its C{done} is its stream's; its
-        start is the stream's.
+        A held relay provides L{IRelay}; its start is the stream's.
         """
         stream = StreamRelay(*self.stream_args())
         held = self.held(stream=stream)
         self.assertTrue(verifyObject(IRelay, held))
-        self.assertIs(held.done, stream.done)
         self.assertEqual(self.started, [self.transport])
 
     def test_holds_until_content(self) -> None:
@@ -639,14 +642,14 @@ class HeldRelayTests(RelayCase):
     def test_in_band_error(self) -> None:
         """
         An error event before content fires C{failed} with its data;
-        nothing was written, C{done} does not fire.
+        nothing was written, no outcome is told.
         """
-        held = self.held()
+        self.held()
         self.response.data(ROLE, IN_BAND_ERROR)
         self.assertEqual(self.failures, [HeldFailure(IN_BAND_ERROR[len(b"data: ") : -2], None)])
         self.assertEqual(self.written, [])
         self.assertEqual(self.releases, 0)
-        self.assertFalse(held.done.called)
+        self.assertEqual(self.outcomes, [])
 
     def test_end_before_content(self) -> None:
         """
@@ -661,7 +664,7 @@ class HeldRelayTests(RelayCase):
         assert failure.ended is not None
         self.assertTrue(failure.ended.check(ResponseDone))
         self.assertEqual(self.written, [])
-        self.assertFalse(held.done.called)
+        self.assertEqual(self.outcomes, [])
         held.stop()
         self.assertFalse(self.transport.stopped)
 
@@ -795,7 +798,7 @@ class BufferedRelayTests(RelayCase):
 
     def test_collects(self) -> None:
         """
-        The body is collected, then C{done} fires with all of it; it was
+        The body is collected, then the outcome is all of it; it was
         observed (usage, model); its first byte is the time to first
         token.
         """

@@ -18,7 +18,7 @@ from aiproxy.exchange.buffered import BufferedRelay
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.exchange.downstream import Downstream
 from aiproxy.exchange.record import Timings
-from aiproxy.exchange.relay import Basis, StreamRelay, TimedStreamRelay
+from aiproxy.exchange.relay import Basis, Outcome, StreamRelay, TimedStreamRelay
 from aiproxy.filters import open_chain
 from aiproxy.interfaces import IBodyFilterFactory, IConverter, IStreamStage
 from aiproxy.stream.eventstream import EventStreamDecoder
@@ -84,12 +84,15 @@ class Relays:
         downstream: Downstream,
         body_filters: Sequence[IBodyFilterFactory],
         stream_started: Callable[[], Callable[[float], None] | None],
+        on_end: Callable[[Outcome], None],
     ) -> None:
         """
         @param stream_started: tells the monitor that a stream began (asked
             once, at the first stream): returns the function to call with
             each chunk gap, or L{None} when nobody wants them.
+        @param on_end: told how each relay's body ended.
         """
+        self._on_end = on_end
         self._context = context
         self._clock = clock
         self._conf = conf
@@ -137,6 +140,7 @@ class Relays:
             self._deadlines,
             self._conf.get("max_response_bytes"),
             lambda transport: self._started(transport, stream),
+            self._on_end,
         )
 
     def _started(self, transport: IPushProducer, stream: bool) -> None:

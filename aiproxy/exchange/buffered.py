@@ -37,7 +37,7 @@ log = Logger()
 class BufferedRelay(Relay):
     """
     Collects a whole body; at its end, observes it and runs it through the
-    stream stages, and C{done} fires with the body to answer with.
+    stream stages, and ends with the body to answer with.
     """
 
     def __init__(

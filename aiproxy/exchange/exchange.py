@@ -95,6 +95,7 @@ class Exchange:
             self.downstream,
             route.body_filters,
             lambda: None if monitor is None else monitor.stream_started(self),
+            self._relay_ended,
         )
         self.failover = Failover(route, clock.seconds)
         self._client: ClientRequest | None = None
@@ -126,11 +127,9 @@ class Exchange:
 
     def _prepare(self) -> Instance | None:
         """
-        Check the client's request and run the request filters, once for
-        every attempt.
+        Check the client's request and run the request filters, once.
 
-        @return: the instance of the first attempt, or L{None} when the
-            client was answered already.
+        @return: the first attempt's instance (L{None}: the client was answered).
         @raise ClientError: when the client's request is refused.
         """
         route = self.route
@@ -258,13 +257,11 @@ class Exchange:
             relay = stream = self.relays.stream(framing, self.timings)
             self.deadlines.arm_duration(context.started, True)
             if hold:
-                relay = HeldRelay(stream, self._released)
-                relay.failed.addCallback(self._held_failed, relay).addErrback(self._bug)
+                relay = HeldRelay(stream, self._released, self._held_failed)
                 self.deadlines.arm("commit", self.failover.commit_s, relay.release)
             else:
                 stream.open(stages)
             self.phase = Phase.HOLDING if hold else Phase.RELAYING
-        relay.done.addCallback(self._relay_ended).addErrback(self._bug)
         self._relay = relay
         response.deliverBody(relay)
 
@@ -276,28 +273,32 @@ class Exchange:
         self.phase = Phase.RELAYING
         return self.relays.stream_stages(self._converter)
 
-    def _held_failed(self, failure: HeldFailure, held: HeldRelay) -> None:
+    def _held_failed(self, failure: HeldFailure) -> None:
         """
         A held stream failed before content. Fall back if allowed; when
         every instance failed, answer 502 with the error; else relay the
         stream as it came.
         """
-        if self.phase in OVER:
+        held = self._relay
+        if self.phase in OVER or not isinstance(held, HeldRelay):
             return
         failover = self.failover
-        instance = None if self.context.output_started else failover.next(HELD_FAILURE_STATUS)
-        if (instance is not None or failover.exhausted) and failover.current is not None:
-            failover.current.status = HELD_FAILURE_STATUS
-        if instance is not None:
-            self._switch_to(instance)
-        elif failover.exhausted:
-            self.context.abort_reason = "upstream_error"
-            self._stop()
-            self._answer(held_error_body(failure.error), 502)
-        else:
-            held.release()
-            if failure.ended is not None and self.phase not in OVER:
-                held.relay_end(failure.ended)
+        try:
+            instance = None if self.context.output_started else failover.next(HELD_FAILURE_STATUS)
+            if (instance is not None or failover.exhausted) and failover.current is not None:
+                failover.current.status = HELD_FAILURE_STATUS
+            if instance is not None:
+                self._switch_to(instance)
+            elif failover.exhausted:
+                self.context.abort_reason = "upstream_error"
+                self._stop()
+                self._answer(held_error_body(failure.error), 502)
+            else:
+                held.release()
+                if failure.ended is not None and self.phase not in OVER:
+                    held.relay_end(failure.ended)
+        except Exception:
+            self._bug(Failure())
 
     def _relay_ended(self, outcome: Outcome) -> None:
         """
@@ -306,18 +307,21 @@ class Exchange:
         if self.phase in OVER:
             return
         self.timings.upstream_ended = self.clock.seconds()
-        if isinstance(outcome, Complete):
-            if self.phase is Phase.COLLECTING:
-                self._answer(outcome.body)
+        try:
+            if isinstance(outcome, Complete):
+                if self.phase is Phase.COLLECTING:
+                    self._answer(outcome.body)
+                else:
+                    self._stop()
+                    self.downstream.finish()
+            elif isinstance(outcome, Failed):
+                self._attempt_failed(outcome.reason, outcome.status, outcome.message)
+            elif isinstance(outcome, Cut):
+                self._end_early(outcome.reason, outcome.status, outcome.message)
             else:
-                self._stop()
-                self.downstream.finish()
-        elif isinstance(outcome, Failed):
-            self._attempt_failed(outcome.reason, outcome.status, outcome.message)
-        elif isinstance(outcome, Cut):
-            self._end_early(outcome.reason, outcome.status, outcome.message)
-        else:
-            self._terminate(outcome)
+                self._terminate(outcome)
+        except Exception:
+            self._bug(Failure())
 
     def _answer(
         self, body: bytes, status: int | None = None, content_type: bytes = b"application/json"
@@ -403,8 +407,7 @@ class Exchange:
 
     def abort(self, reason: str) -> None:
         """
-        End the exchange now (the gateway is shutting down): see
-        L{IExchange.abort}.
+        End the exchange now (the gateway is shutting down; L{IExchange.abort}).
         """
         self._end_early(reason, 503, "server shutting down")
 

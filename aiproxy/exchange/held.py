@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,26 +43,29 @@ class HeldFailure:
 @implementer(IRelay)
 class HeldRelay(Protocol):
     """
-    Holds a stream back for a L{StreamRelay}, then hands it over.
-
-    @ivar done: the stream relay's C{done}.
-    @ivar failed: fires with a L{HeldFailure} when the stream fails before
-        its first content (then C{done} has not fired).
+    Holds a stream back for a L{StreamRelay}, then hands it over (how the
+    stream ends is told by the stream relay).
     """
 
-    def __init__(self, stream: StreamRelay, released: Callable[[], Sequence[IStreamStage]]) -> None:
+    def __init__(
+        self,
+        stream: StreamRelay,
+        released: Callable[[], Sequence[IStreamStage]],
+        failed: Callable[[HeldFailure], None],
+    ) -> None:
         """
         @param released: called when the stream is released, before what
             was held is relayed: returns the stream stages to relay through.
+        @param failed: told when the stream fails before its first content
+            (the stream relay then tells nothing).
         """
         self._stream = stream
         self._released = released
+        self._failed = failed
         self._held: list[bytes] | None = []
         self._size = 0
         self._decoder = SSEDecoder()
         self._body_over = False
-        self.done = stream.done
-        self.failed: Deferred[HeldFailure] = Deferred()
 
     def connectionMade(self) -> None:
         self._stream.makeConnection(self.transport)
@@ -90,7 +92,7 @@ class HeldRelay(Protocol):
                     self.release()
                     return
                 if signal == STREAM_ERROR:
-                    self.failed.callback(HeldFailure(event.data, None))
+                    self._failed(HeldFailure(event.data, None))
                     return
         except Exception:
             log.failure("holding a stream chunk failed")
@@ -122,7 +124,7 @@ class HeldRelay(Protocol):
         stream = self._stream
         if self._held is not None and not stream.over and clean_end(reason):
             self._body_over = True
-            self.failed.callback(HeldFailure(None, reason))
+            self._failed(HeldFailure(None, reason))
             return
         stream.connectionLost(reason)
 

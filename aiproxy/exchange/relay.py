@@ -2,7 +2,7 @@
 """
 Relays: each receives one upstream response body (it is the protocol given
 to C{deliverBody}) and passes it on to the client, then says how it ended
-through its C{done} Deferred.
+(an outcome, to its basis' C{on_end}).
 
 A L{StreamRelay} is a sequence of stages, one chunk at a time: the
 decoder (SSE or AWS EventStream), the protocol observer (figures, text),
@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -109,7 +108,7 @@ RELAY_BUG = Cut("internal_error", 502, "internal error while relaying the respon
 
 MAX_RESPONSE_BYTES = Cut("max_response_bytes", 502, "max_response_bytes exceeded")
 
-#: What a relay's C{done} fires with.
+#: How a relay's body ended.
 Outcome = Complete | Failed | Cut | Terminate
 
 
@@ -167,7 +166,7 @@ def terminated(
     return data if isinstance(data, Terminate) else replace(result, data=data)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Basis:
     """
     What every relay of an exchange works with.
@@ -175,6 +174,8 @@ class Basis:
     @ivar limit: C{max_response_bytes}.
     @ivar on_start: told when the body starts (the client's connection
         paces it, reads are timed).
+    @ivar on_end: told once how the body ended (an outcome), unless the
+        relay was stopped first.
     """
 
     context: ExchangeContext
@@ -182,13 +183,14 @@ class Basis:
     deadlines: Deadlines
     limit: int | None
     on_start: Callable[[IPushProducer], None]
+    on_end: Callable[[Outcome], None]
 
 
 @implementer(IRelay)
 class Relay(Protocol):
     """
     What every relay shares: the start of the body (handed to its basis'
-    C{on_start}), C{stop()}, the byte limit and C{done}.
+    C{on_start}), C{stop()}, the byte limit and telling how the body ended.
     """
 
     def __init__(self, basis: Basis) -> None:
@@ -197,7 +199,9 @@ class Relay(Protocol):
         self.deadlines = basis.deadlines
         self.limit = basis.limit
         self._on_start = basis.on_start
-        self.done: Deferred[Outcome] = Deferred()
+        self._on_end = basis.on_end
+        #: How the body ended was told.
+        self.reported = False
         #: The body ended, or the relay was stopped: nothing more is done.
         self.over = False
         #: Body bytes received so far.
@@ -224,7 +228,7 @@ class Relay(Protocol):
 
     def ended(self, reason: Failure) -> None:
         """
-        The body ended (normally or not): fire C{done}.
+        The body ended (normally or not): tell how.
         """
         raise NotImplementedError()
 
@@ -234,8 +238,9 @@ class Relay(Protocol):
         """
         if not self.over:
             self.stop()
-        if not self.done.called:
-            self.done.callback(outcome)
+        if not self.reported:
+            self.reported = True
+            self._on_end(outcome)
 
     def stop(self) -> None:
         """
