@@ -1,12 +1,14 @@
 """
 Helpers several test modules share: the data of a streamed body, log event
-capture, config files and TLS certificates made at test time.
+capture, config files, TLS certificates made at test time, and the events and
+contexts of the conversion tests.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
@@ -18,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+
+from aiproxy.context import ExchangeContext
 
 __all__ = [
     "certificate",
@@ -145,3 +149,53 @@ def _general_name(hostname: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(hostname))
     except ValueError:
         return x509.DNSName(hostname)
+
+
+# -- protocol conversion -------------------------------------------------------
+
+
+def make_context(model: str | None = None) -> ExchangeContext:
+    """
+    A fresh context, C{model} being the model sent upstream.
+    """
+    context = ExchangeContext("route", "instance", 12.5)
+    context.llm_model = model
+    return context
+
+
+def user(content: Any = "Hello") -> dict[str, Any]:
+    """
+    A user message.
+    """
+    return {"role": "user", "content": content}
+
+
+def compact(document: Any) -> bytes:
+    """
+    C{document} as the converter writes JSON.
+    """
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def block_start(index: int, block: dict[str, Any]) -> tuple[str, Any]:
+    """
+    A C{content_block_start} event.
+    """
+    return (
+        "content_block_start",
+        {"type": "content_block_start", "index": index, "content_block": block},
+    )
+
+
+def block_delta(index: int, delta: dict[str, Any]) -> tuple[str, Any]:
+    """
+    A C{content_block_delta} event.
+    """
+    return ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+
+def block_stop(index: int) -> tuple[str, Any]:
+    """
+    A C{content_block_stop} event.
+    """
+    return ("content_block_stop", {"type": "content_block_stop", "index": index})

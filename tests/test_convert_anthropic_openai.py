@@ -29,22 +29,7 @@ from aiproxy.interfaces import IConverter, IStreamConverter
 from aiproxy.stream.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT
 from aiproxy.stream.sse import SSEDecoder
 from aiproxy.upstream.request import ClientError
-
-
-def make_context(model: str | None = None) -> ExchangeContext:
-    """
-    A fresh context, C{model} being the model sent upstream.
-    """
-    context = ExchangeContext("route", "instance", 12.5)
-    context.llm_model = model
-    return context
-
-
-def user(content: Any = "Hello") -> dict[str, Any]:
-    """
-    A user message.
-    """
-    return {"role": "user", "content": content}
+from tests.helpers import block_delta, block_start, block_stop, compact, make_context, user
 
 
 def request(**fields: Any) -> dict[str, Any]:
@@ -79,13 +64,6 @@ def hashed(name: str, sanitized: str) -> str:
     name with its invalid bytes replaced.
     """
     return sanitized[:55] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
-
-
-def compact(document: Any) -> bytes:
-    """
-    C{document} as the converter writes JSON.
-    """
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def tool(name: str, **fields: Any) -> dict[str, Any]:
@@ -1246,30 +1224,6 @@ def message_start(model: str = "gpt-5", message_id: str = "chatcmpl-9") -> tuple
             },
         },
     )
-
-
-def block_start(index: int, block: dict[str, Any]) -> tuple[str, Any]:
-    """
-    A C{content_block_start} event.
-    """
-    return (
-        "content_block_start",
-        {"type": "content_block_start", "index": index, "content_block": block},
-    )
-
-
-def block_delta(index: int, delta: dict[str, Any]) -> tuple[str, Any]:
-    """
-    A C{content_block_delta} event.
-    """
-    return ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
-
-
-def block_stop(index: int) -> tuple[str, Any]:
-    """
-    A C{content_block_stop} event.
-    """
-    return ("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
 def message_end(stop_reason: str, usage: dict[str, int]) -> list[tuple[str, Any]]:

@@ -24,7 +24,15 @@ from aiproxy.interfaces import IConverter, IStreamConverter
 from aiproxy.stream.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT
 from aiproxy.stream.sse import SSEDecoder, SSEEvent
 from aiproxy.upstream.request import ClientError
-from tests.helpers import data_events
+from tests.helpers import (
+    block_delta,
+    block_start,
+    block_stop,
+    compact,
+    data_events,
+    make_context,
+    user,
+)
 
 NOW = 1_700_000_000
 
@@ -38,22 +46,6 @@ def make_converter(default_max_tokens: int | None = None) -> OpenAIToAnthropic:
     if default_max_tokens is None:
         return OpenAIToAnthropic(clock=clock)
     return OpenAIToAnthropic(default_max_tokens, clock=clock)
-
-
-def make_context(model: str | None = None) -> ExchangeContext:
-    """
-    A fresh context, C{model} being the model sent upstream.
-    """
-    context = ExchangeContext("route", "instance", 12.5)
-    context.llm_model = model
-    return context
-
-
-def user(content: Any = "Hello") -> dict[str, Any]:
-    """
-    A user message.
-    """
-    return {"role": "user", "content": content}
 
 
 def request(**fields: Any) -> dict[str, Any]:
@@ -86,13 +78,6 @@ def sse(*events: tuple[str, Any]) -> bytes:
     return out
 
 
-def compact(document: Any) -> bytes:
-    """
-    C{document} as the converter writes JSON.
-    """
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 MESSAGE_START = (
     "message_start",
     {
@@ -116,30 +101,6 @@ MESSAGE_START = (
 )
 PING = ("ping", {"type": "ping"})
 MESSAGE_STOP = ("message_stop", {"type": "message_stop"})
-
-
-def block_start(index: int, block: dict[str, Any]) -> tuple[str, Any]:
-    """
-    A C{content_block_start} event.
-    """
-    return (
-        "content_block_start",
-        {"type": "content_block_start", "index": index, "content_block": block},
-    )
-
-
-def block_delta(index: int, delta: dict[str, Any]) -> tuple[str, Any]:
-    """
-    A C{content_block_delta} event.
-    """
-    return ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
-
-
-def block_stop(index: int) -> tuple[str, Any]:
-    """
-    A C{content_block_stop} event.
-    """
-    return ("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
 def text_delta(index: int, text: str) -> tuple[str, Any]:

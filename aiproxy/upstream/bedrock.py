@@ -21,7 +21,7 @@ from urllib.parse import quote
 from twisted.internet.interfaces import IReactorTime
 
 from aiproxy.stream.protocols import BEDROCK_CONVERSE
-from aiproxy.upstream.request import ClientError
+from aiproxy.upstream.request import ClientError, model_of
 from aiproxy.upstream.sigv4 import AWSCredentials, SigV4Auth
 
 __all__ = ["MAX_TOKENS_FIELD", "RULES", "SERVICE", "BedrockRules", "converse_path"]
@@ -48,16 +48,6 @@ def converse_path(model: str, stream: bool) -> str:
     """
     action = "converse-stream" if stream else "converse"
     return f"/model/{quote(model, safe='')}/{action}"
-
-
-def _model(conf: Mapping[str, Any], body: Mapping[str, Any]) -> str | None:
-    """
-    The model of a request: C{options.model}, else the body's C{model}.
-    """
-    for model in ((conf.get("options") or {}).get("model"), body.get("model")):
-        if isinstance(model, str) and model:
-            return model
-    return None
 
 
 class BedrockRules:
@@ -96,7 +86,7 @@ class BedrockRules:
         @raise ClientError: 400 when neither the route nor the body names a
             model.
         """
-        model = _model(conf, body)
+        model = model_of(conf, body)
         if model is None:
             raise ClientError(400, _NO_MODEL, {"error_msg": _NO_MODEL})
         return converse_path(model, body.get("stream") is True)

@@ -34,6 +34,7 @@ __all__ = [
     "deep_merge",
     "default_base_url",
     "detect",
+    "model_of",
     "parse_body",
     "too_large_message",
     "upstream_headers",
@@ -370,3 +371,14 @@ def detect(path: str, body: Mapping[str, Any]) -> str:
     if protocol is None:
         raise ClientError(400, "no matching AI protocol for the request")
     return protocol
+
+
+def model_of(conf: Mapping[str, Any], body: Mapping[str, Any]) -> str | None:
+    """
+    The model of a request whose provider puts it in the URL: the route's
+    C{options.model}, else the body's C{model}.
+    """
+    for model in ((conf.get("options") or {}).get("model"), body.get("model")):
+        if isinstance(model, str) and model:
+            return model
+    return None

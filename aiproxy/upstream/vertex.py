@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from aiproxy.convert.vertex_predict import VERTEX_PREDICT
 from aiproxy.interfaces import IUpstreamAuth
 from aiproxy.stream.protocols import OPENAI_CHAT
-from aiproxy.upstream.request import ClientError
+from aiproxy.upstream.request import ClientError, model_of
 
 __all__ = [
     "CHAT_PATH",
@@ -66,16 +66,6 @@ def predict_path(project_id: str, region: str, model: str) -> str:
     C{:} in it cannot change the path).
     """
     return PREDICT_PATH.format(project_id=project_id, region=region, model=quote(model, safe="@"))
-
-
-def _model(conf: Mapping[str, Any], body: Mapping[str, Any]) -> str | None:
-    """
-    The model of a request: C{options.model}, else the body's C{model}.
-    """
-    for model in ((conf.get("options") or {}).get("model"), body.get("model")):
-        if isinstance(model, str) and model:
-            return model
-    return None
 
 
 class VertexRules:
@@ -145,7 +135,7 @@ class VertexRules:
         provider_conf = conf["provider_conf"]
         project, region = provider_conf["project_id"], provider_conf["region"]
         if protocol == VERTEX_PREDICT:
-            model = _model(conf, body)
+            model = model_of(conf, body)
             if model is None:
                 raise ClientError(400, _NO_MODEL, {"error_msg": _NO_MODEL})
             return predict_path(project, region, model)
