@@ -37,20 +37,6 @@ __all__ = ["ClientRequest", "UpstreamCall", "send"]
 _CREDENTIALS = ("header", "query", "aws", "gcp")
 
 
-def _serving(route: Route, protocol: str) -> list[Instance]:
-    """
-    The instances of C{route} that serve C{protocol} requests (as they
-    are, or converted).
-
-    @raise ClientError: 400 when none does.
-    """
-    serving = [instance for instance in route.instances if instance.accepts(protocol)]
-    if not serving:
-        # The first instance says why.
-        route.instances[0].converter(protocol)
-    return serving
-
-
 class UpstreamCall(NamedTuple):
     """
     One upstream request, ready to send.
@@ -85,9 +71,9 @@ class ClientRequest:
         check_content_type(request.getHeader(b"content-type"))
         body = parse_body(raw)
         protocol = detect(context.path, body)
-        serving = _serving(route, protocol)
+        route.serving(protocol)
         if len(route.instances) == 1:
-            context.provider = serving[0].target.provider.name
+            context.provider = route.instances[0].target.provider.name
         context.protocol = context.upstream_protocol = protocol
         context.body = body
         context.stream = body.get("stream") is True
@@ -100,6 +86,7 @@ class ClientRequest:
         self._headers = request.requestHeaders
         self._query = request.uri.partition(b"?")[2].decode("latin-1")
         self._copy = len(route.instances) > 1
+        self._sent = False
 
     def filter(
         self, request_filters: Sequence[IRequestFilter], context: ExchangeContext
@@ -130,9 +117,11 @@ class ClientRequest:
         if self._copy:
             # Each instance changes the body its own way (options, model).
             body = copy.deepcopy(body)
-        # Nothing of an earlier attempt's answer counts (a fallback).
-        context.stream = self.stream
-        context.reset_response()
+        if self._sent:
+            # Nothing of an earlier attempt's answer counts (a fallback).
+            context.stream = self.stream
+            context.reset_response()
+        self._sent = True
         context.instance = instance.name
         context.provider = target.provider.name
         converter = instance.converter(protocol)

@@ -181,6 +181,7 @@ class Route:
     fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
     request_filters: Sequence[IRequestFilter] = ()
     body_filters: Sequence[IBodyFilterFactory] = ()
+    _serving: dict[str, frozenset[int]] = field(default_factory=dict, repr=False)
 
     @property
     def instance_name(self) -> str | None:
@@ -189,6 +190,21 @@ class Route:
         only instance's, or L{None} when there are several.
         """
         return self.instances[0].name if len(self.instances) == 1 else None
+
+    def serving(self, protocol: str) -> frozenset[int]:
+        """
+        The ids of the instances that serve C{protocol} requests (as they
+        are, or converted); found once per protocol.
+
+        @raise ClientError: 400, as the first instance says, when none does.
+        """
+        serving = self._serving.get(protocol)
+        if serving is None:
+            serving = frozenset(id(i) for i in self.instances if i.accepts(protocol))
+            if not serving:
+                self.instances[0].converter(protocol)
+            self._serving[protocol] = serving
+        return serving
 
     def selection(self, request: Any, protocol: str) -> Selection[Instance]:
         """
@@ -205,7 +221,8 @@ class Route:
             def key() -> str:
                 return request_hash_key(request, hash_on, hash_key)
 
-        return balancer.selection(lambda i: i.accepts(protocol), key)
+        serving = self.serving(protocol)
+        return balancer.selection(lambda i: id(i) in serving, key)
 
 
 class RouteTable:
