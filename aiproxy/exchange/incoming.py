@@ -71,7 +71,9 @@ class ClientRequest:
         check_content_type(request.getHeader(b"content-type"))
         body = parse_body(raw)
         protocol = detect(context.path, body)
-        route.serving(protocol)
+        if not route.serving(protocol):
+            # No instance serves it: the first one says why (a 400).
+            route.instances[0].converter(protocol)
         if len(route.instances) == 1:
             context.provider = route.instances[0].target.provider.name
         context.protocol = context.upstream_protocol = protocol

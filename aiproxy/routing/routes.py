@@ -195,14 +195,10 @@ class Route:
         """
         The ids of the instances that serve C{protocol} requests (as they
         are, or converted); found once per protocol.
-
-        @raise ClientError: 400, as the first instance says, when none does.
         """
         serving = self._serving.get(protocol)
         if serving is None:
             serving = frozenset(id(i) for i in self.instances if i.accepts(protocol))
-            if not serving:
-                self.instances[0].converter(protocol)
             self._serving[protocol] = serving
         return serving
 
