@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_convert_errors -*-
+# -*- test-case-name: tests.test_convert -*-
 """
 Error bodies in the client's protocol on a converted route: an upstream
 error body of the other protocol converted (OpenAI
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from aiproxy.convert.encoding import dumps
 
 __all__ = ["anthropic_error", "openai_error", "to_anthropic_error", "to_openai_error"]
 
@@ -30,10 +32,6 @@ _ANTHROPIC_TYPES = {
 }
 
 
-def _dumps(document: Any) -> bytes:
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
 def _raw_text(body: bytes) -> str:
     return body[:RAW_LIMIT].decode("utf-8", "replace")
 
@@ -50,14 +48,14 @@ def anthropic_error(status: int, message: str, kind: str | None = None) -> bytes
     An Anthropic error body: C{kind}, or the type of C{status}.
     """
     kind = kind or _ANTHROPIC_TYPES.get(status, "api_error")
-    return _dumps({"type": "error", "error": {"type": kind, "message": message}})
+    return dumps({"type": "error", "error": {"type": kind, "message": message}})
 
 
 def openai_error(message: str, kind: str = "aiproxy_error", code: Any = None) -> bytes:
     """
     An OpenAI error body.
     """
-    return _dumps({"error": {"message": message, "type": kind, "code": code}})
+    return dumps({"error": {"message": message, "type": kind, "code": code}})
 
 
 def to_anthropic_error(status: int, body: bytes) -> bytes:

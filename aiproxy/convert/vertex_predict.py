@@ -17,6 +17,7 @@ from typing import Any
 from zope.interface import implementer
 
 from aiproxy.convert import errors
+from aiproxy.convert.encoding import dumps
 from aiproxy.interfaces import IConverter, IStreamConverter
 from aiproxy.stream.protocols import OPENAI_EMBEDDINGS
 from aiproxy.upstream.request import ClientError
@@ -160,7 +161,7 @@ class EmbeddingsToVertexPredict:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         context.set_usage(usage)
         answer = {"object": "list", "data": data, "model": model, "usage": usage}
-        return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return dumps(answer)
 
     def convert_error(self, status: int, message: str) -> bytes:
         return errors.openai_error(message)

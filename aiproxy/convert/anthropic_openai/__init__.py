@@ -20,9 +20,7 @@ from aiproxy.convert.anthropic_openai.request import (
     _BUILTIN_TOOL_PREFIXES,
     _NAMES_LIMIT,
     _TOOL_CHOICES,
-    _dumps,
     _effort,
-    _encode,
     _joined_text,
     _media,
     _refuse,
@@ -33,6 +31,7 @@ from aiproxy.convert.anthropic_openai.request import (
     strict_schema,
 )
 from aiproxy.convert.anthropic_openai.stream import _STOP_REASONS, AnthropicStream, _anthropic_usage
+from aiproxy.convert.encoding import dumps, encode
 from aiproxy.interfaces import IConverter
 from aiproxy.stream.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT
 
@@ -213,7 +212,7 @@ class AnthropicToOpenAI:
                             "type": "function",
                             "function": {
                                 "name": self._tool_name(name),
-                                "arguments": _encode({} if arguments is None else arguments),
+                                "arguments": encode({} if arguments is None else arguments),
                             },
                         }
                     )
@@ -314,7 +313,7 @@ class AnthropicToOpenAI:
             usage = {}
         finish = choice.get("finish_reason")
         model = context.llm_model or document.get("model")
-        return _dumps(
+        return dumps(
             {
                 "id": document.get("id"),
                 "type": "message",

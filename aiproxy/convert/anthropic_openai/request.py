@@ -7,7 +7,6 @@ prompt, content blocks, tools and their names, thinking, output format.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -55,18 +54,6 @@ _SCHEMA_MAPS = ("$defs", "definitions")
 _BILLING_PREFIX = "x-anthropic-billing-header:"
 
 _CCH = re.compile(r" ?cch=[^;]*;?")
-
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-_encode = _ENCODER.encode
-
-
-def _dumps(document: Any) -> bytes:
-    """
-    Compact JSON, UTF-8 (a lone surrogate, which UTF-8 cannot carry,
-    becomes C{?}).
-    """
-    return _encode(document).encode("utf-8", "replace")
 
 
 def _refuse(message: str) -> ClientError:

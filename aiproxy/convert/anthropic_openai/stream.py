@@ -16,7 +16,8 @@ from typing import Any
 from zope.interface import implementer
 
 from aiproxy.convert import errors
-from aiproxy.convert.anthropic_openai.request import _count, _dumps
+from aiproxy.convert.anthropic_openai.request import _count
+from aiproxy.convert.encoding import dumps
 from aiproxy.interfaces import IStreamConverter
 
 __all__ = ["AnthropicStream"]
@@ -93,7 +94,7 @@ def _event(kind: str, document: Any) -> bytes:
     """
     One client event: C{document} (whose C{type} is C{kind}) under C{kind}.
     """
-    return b"event: " + kind.encode() + b"\ndata: " + _dumps(document) + b"\n\n"
+    return b"event: " + kind.encode() + b"\ndata: " + dumps(document) + b"\n\n"
 
 
 def _delta_head(index: int, kind: str, field: str) -> bytes:
@@ -247,7 +248,7 @@ class AnthropicStream:
             if isinstance(arguments, str) and arguments:
                 out.append(
                     _delta_head(index, "input_json_delta", "partial_json")
-                    + _dumps(arguments)
+                    + dumps(arguments)
                     + _DELTA_TAIL
                 )
 
@@ -258,7 +259,7 @@ class AnthropicStream:
         if "error" in document and "choices" not in document:
             # An error chunk: the client's error event, and nothing after it.
             out.append(
-                b"event: error\ndata: " + errors.to_anthropic_error(500, _dumps(document)) + b"\n\n"
+                b"event: error\ndata: " + errors.to_anthropic_error(500, dumps(document)) + b"\n\n"
             )
             self._phase = _Phase.FAILED
             return
@@ -283,13 +284,13 @@ class AnthropicStream:
                 if self._open_kind != "thinking":
                     index = self._open_block("thinking", {"type": "thinking", "thinking": ""}, out)
                     self._head = _delta_head(index, "thinking_delta", "thinking")
-                out.append(self._head + _dumps(reasoning) + _DELTA_TAIL)
+                out.append(self._head + dumps(reasoning) + _DELTA_TAIL)
             text = delta.get("content")
             if text and isinstance(text, str):
                 if self._open_kind != "text":
                     index = self._open_block("text", {"type": "text", "text": ""}, out)
                     self._head = _delta_head(index, "text_delta", "text")
-                out.append(self._head + _dumps(text) + _DELTA_TAIL)
+                out.append(self._head + dumps(text) + _DELTA_TAIL)
             calls = delta.get("tool_calls")
             if calls and isinstance(calls, list):
                 self._tool_calls(calls, out, context)

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from aiproxy.convert import errors
+from aiproxy.convert.encoding import dumps, encode
 from aiproxy.convert.openai_anthropic.request import (
     BUDGETS,
     DEFAULT_MAX_TOKENS,
@@ -30,8 +31,6 @@ from aiproxy.convert.openai_anthropic.request import (
 )
 from aiproxy.convert.openai_anthropic.stream import (
     OpenAIStream,
-    dumps,
-    encode,
     finish_reason,
     openai_usage,
 )

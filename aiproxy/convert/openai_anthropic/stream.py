@@ -20,9 +20,10 @@ from typing import Any
 from zope.interface import implementer
 
 from aiproxy.convert import errors
+from aiproxy.convert.encoding import dumps
 from aiproxy.interfaces import IStreamConverter
 
-__all__ = ["OpenAIStream", "dumps", "encode", "finish_reason", "openai_usage"]
+__all__ = ["OpenAIStream", "finish_reason", "openai_usage"]
 
 
 #: An Anthropic C{stop_reason} → the OpenAI C{finish_reason} (else C{stop}).
@@ -42,10 +43,6 @@ _USAGE_KEYS = (
     "cache_creation_input_tokens",
 )
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-encode = _ENCODER.encode
-
 _DONE = b"data: [DONE]\n\n"
 
 _CONTENT = b'{"content":'
@@ -53,14 +50,6 @@ _CONTENT = b'{"content":'
 _REASONING = b'{"reasoning_content":'
 
 _OPEN_TAIL = b'},"finish_reason":null}]}\n\n'
-
-
-def dumps(document: Any) -> bytes:
-    """
-    Compact JSON, UTF-8 (a lone surrogate, which UTF-8 cannot carry,
-    becomes C{?}).
-    """
-    return encode(document).encode("utf-8", "replace")
 
 
 def _count(value: Any) -> int:
