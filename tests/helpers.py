@@ -18,10 +18,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from aiproxy.config import PROXY_PLUGINS, parse_config
 from aiproxy.context import ExchangeContext
+from aiproxy.routing.build import build_routes
+from aiproxy.schema import load_schema
+from aiproxy.stream.sse import SSEDecoder
 
 __all__ = [
     "certificate",
@@ -199,3 +204,28 @@ def block_stop(index: int) -> tuple[str, Any]:
     A C{content_block_stop} event.
     """
     return ("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+def feed_stream(streamer: Any, context: ExchangeContext, pieces: Iterable[bytes]) -> bytes:
+    """
+    What a stream converter writes for an upstream SSE stream arriving in
+    C{pieces} (each decoded as it comes), its end included.
+    """
+    decoder = SSEDecoder()
+    out = b""
+    for piece in pieces:
+        events = decoder.feed(piece)
+        if events:
+            out += streamer.convert_events(events, context)
+    return out + streamer.finish(context)
+
+
+def build_table(*routes: Mapping[str, Any]) -> Any:
+    """
+    Load and build C{routes} as the daemon does (no filter plugins).
+
+    @raise ConfigError: with the problems found.
+    """
+    schemas = {name: load_schema(name) for name in PROXY_PLUGINS}
+    config = parse_config(json.dumps({"routes": list(routes)}), {}, schemas)
+    return build_routes(config, Clock(), plugins={})

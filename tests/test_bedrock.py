@@ -24,12 +24,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
-from aiproxy.config import PROXY_PLUGINS, ConfigError, parse_config
+from aiproxy.config import ConfigError
 from aiproxy.context import ExchangeContext
 from aiproxy.exchange.incoming import UpstreamCall
 from aiproxy.interfaces import IUpstreamAuth
-from aiproxy.routing.build import build_routes
-from aiproxy.schema import load_schema
 from aiproxy.stream.eventstream import EventStreamDecoder, EventStreamMessage, encode_message
 from aiproxy.stream.observers import BEDROCK_OBSERVER, BedrockObserver, observer_for
 from aiproxy.stream.protocols import BEDROCK_CONVERSE, error_event
@@ -40,6 +38,7 @@ from aiproxy.upstream.bedrock import converse_path
 from aiproxy.upstream.providers import get_provider
 from aiproxy.upstream.sigv4 import AWSCredentials, SigV4Auth, sign
 from tests.daemon import http_call, in_thread, start_daemon, start_mock
+from tests.helpers import build_table
 from tests.test_proxy import Gateway, json_response, make_table
 
 VECTORS = Path(__file__).resolve().parent / "data" / "aws-sigv4"
@@ -88,17 +87,6 @@ def bedrock_conf(**fields: Any) -> dict[str, Any]:
     }
     conf.update(fields)
     return conf
-
-
-def build(*routes: Mapping[str, Any]) -> Any:
-    """
-    Load and build C{routes}, as the daemon does.
-
-    @raise ConfigError: with the problems found.
-    """
-    schemas = {name: load_schema(name) for name in PROXY_PLUGINS}
-    config = parse_config(json.dumps({"routes": list(routes)}), {}, schemas)
-    return build_routes(config, Clock(), plugins={})
 
 
 def botocore_authorization(
@@ -368,7 +356,7 @@ class ConfigTests(SynchronousTestCase):
         provider = get_provider("bedrock")
         self.assertTrue(provider.serves(BEDROCK_CONVERSE))
         self.assertEqual(list(provider.paths), [BEDROCK_CONVERSE])
-        table = build({"uri": "/converse", "plugins": {"ai-proxy": bedrock_conf()}})
+        table = build_table({"uri": "/converse", "plugins": {"ai-proxy": bedrock_conf()}})
         instance = table.routes[0].instances[0]
         self.assertEqual(instance.name, "ai-proxy-bedrock")
         self.assertIsInstance(instance.auth, SigV4Auth)
@@ -388,7 +376,7 @@ class ConfigTests(SynchronousTestCase):
             ]
         }
         with self.assertRaises(ConfigError) as raised:
-            build(
+            build_table(
                 {"uri": "/converse", "plugins": {"ai-proxy": bare}},
                 {"uri": "/multi/converse", "plugins": {"ai-proxy-multi": multi}},
             )
@@ -411,7 +399,7 @@ class ConfigTests(SynchronousTestCase):
         """
         conf = bedrock_conf(provider_conf={"region": "evil.example/x"})
         with self.assertRaises(ConfigError) as raised:
-            build({"uri": "/converse", "plugins": {"ai-proxy": conf}})
+            build_table({"uri": "/converse", "plugins": {"ai-proxy": conf}})
         self.assertEqual(
             raised.exception.problems,
             [
@@ -426,7 +414,7 @@ class ConfigTests(SynchronousTestCase):
         """
         conf = bedrock_conf(auth={"aws": {"access_key_id": ACCESS_KEY}})
         with self.assertRaises(ConfigError) as raised:
-            build({"uri": "/converse", "plugins": {"ai-proxy": conf}})
+            build_table({"uri": "/converse", "plugins": {"ai-proxy": conf}})
         self.assertEqual(
             raised.exception.problems,
             ["routes[0].plugins.ai-proxy.auth.aws.secret_access_key: is a required property"],

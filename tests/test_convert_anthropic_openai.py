@@ -29,7 +29,15 @@ from aiproxy.interfaces import IConverter, IStreamConverter
 from aiproxy.stream.protocols import ANTHROPIC_MESSAGES, OPENAI_CHAT
 from aiproxy.stream.sse import SSEDecoder
 from aiproxy.upstream.request import ClientError
-from tests.helpers import block_delta, block_start, block_stop, compact, make_context, user
+from tests.helpers import (
+    block_delta,
+    block_start,
+    block_stop,
+    compact,
+    feed_stream,
+    make_context,
+    user,
+)
 
 
 def request(**fields: Any) -> dict[str, Any]:
@@ -1182,13 +1190,7 @@ def run_stream(
     converter = converter or AnthropicToOpenAI()
     context = context or make_context("gpt-5")
     streamer = converter.stream(context)
-    decoder = SSEDecoder()
-    out = b""
-    for piece in [stream] if chunks is None else chunks:
-        events = decoder.feed(piece)
-        if events:
-            out += streamer.convert_events(events, context)
-    out += streamer.finish(context)
+    out = feed_stream(streamer, context, [stream] if chunks is None else chunks)
     return out, context, streamer
 
 

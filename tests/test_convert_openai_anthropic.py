@@ -30,6 +30,7 @@ from tests.helpers import (
     block_stop,
     compact,
     data_events,
+    feed_stream,
     make_context,
     user,
 )
@@ -186,13 +187,7 @@ def run_stream(
         body["stream_options"] = {"include_usage": True}
     converter.convert_request(body, context)
     streamer = converter.stream(context)
-    decoder = SSEDecoder()
-    out = b""
-    for piece in [stream] if chunks is None else chunks:
-        events = decoder.feed(piece)
-        if events:
-            out += streamer.convert_events(events, context)
-    out += streamer.finish(context)
+    out = feed_stream(streamer, context, [stream] if chunks is None else chunks)
     return out, context, streamer
 
 

@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
-from aiproxy.config import PROXY_PLUGINS, ConfigError, parse_config
+from aiproxy.config import ConfigError
 from aiproxy.context import ExchangeContext
 from aiproxy.convert.vertex_predict import (
     EMBEDDINGS_TO_VERTEX_PREDICT,
@@ -39,8 +39,6 @@ from aiproxy.convert.vertex_predict import (
 )
 from aiproxy.exchange.incoming import UpstreamCall
 from aiproxy.interfaces import IConverter, IStreamConverter, IUpstreamAuth
-from aiproxy.routing.build import build_routes
-from aiproxy.schema import load_schema
 from aiproxy.stream.protocols import OPENAI_CHAT, OPENAI_EMBEDDINGS
 from aiproxy.testing.upstream import MockUpstream
 from aiproxy.testing.upstream.controls import MockControls
@@ -58,7 +56,7 @@ from aiproxy.upstream.providers import get_provider
 from aiproxy.upstream.request import ClientError, Target, upstream_url
 from aiproxy.upstream.vertex import RULES
 from tests.daemon import http_call, in_thread, start_daemon, start_mock
-from tests.helpers import log_events
+from tests.helpers import build_table, log_events
 from tests.test_proxy import (
     CHAT,
     CHAT_STREAM,
@@ -177,23 +175,14 @@ def vertex_conf(**fields: Any) -> dict[str, Any]:
     return conf
 
 
-def build(*routes: Mapping[str, Any]) -> Any:
-    """
-    Load and build C{routes}, as the daemon does.
-
-    @raise ConfigError: with the problems found.
-    """
-    schemas = {name: load_schema(name) for name in PROXY_PLUGINS}
-    config = parse_config(json.dumps({"routes": list(routes)}), {}, schemas)
-    return build_routes(config, Clock(), plugins={})
-
-
 def problems_of(*confs: Mapping[str, Any]) -> list[str]:
     """
     The config problems of C{ai-proxy} routes with C{confs}.
     """
     with SynchronousTestCase().assertRaises(ConfigError) as raised:
-        build(*({"uri": f"/r{i}/*", "plugins": {"ai-proxy": conf}} for i, conf in enumerate(confs)))
+        build_table(
+            *({"uri": f"/r{i}/*", "plugins": {"ai-proxy": conf}} for i, conf in enumerate(confs))
+        )
     return raised.exception.problems
 
 
@@ -396,7 +385,7 @@ class ConfigTests(SynchronousTestCase):
         """
         gcp = {"service_account_json": key_json(), "max_ttl": 600, "expire_early_secs": 30}
         multi = {"instances": [{"name": "v", "weight": 1, **vertex_conf()}]}
-        table = build(
+        table = build_table(
             {"uri": "/v/*", "plugins": {"ai-proxy": vertex_conf(auth={"gcp": gcp}, timeout=5000)}},
             {"uri": "/m/*", "plugins": {"ai-proxy-multi": multi}},
         )
@@ -419,7 +408,7 @@ class ConfigTests(SynchronousTestCase):
         endpoint taking Google tokens); without it, a vertex-ai route has
         no authorizer (C{auth.header} only).
         """
-        table = build(
+        table = build_table(
             {
                 "uri": "/a/*",
                 "plugins": {
@@ -447,7 +436,7 @@ class ConfigTests(SynchronousTestCase):
         )
         multi = {"instances": [{"name": "a", "weight": 1, **bare}]}
         with self.assertRaises(ConfigError) as raised:
-            build(
+            build_table(
                 {"uri": "/a/*", "plugins": {"ai-proxy": bare}},
                 {"uri": "/b/*", "plugins": {"ai-proxy": half}},
                 {"uri": "/c/*", "plugins": {"ai-proxy-multi": multi}},
@@ -472,7 +461,7 @@ class ConfigTests(SynchronousTestCase):
         conf = vertex_conf(
             provider_conf={}, override={"endpoint": "https://proxy.test/v1/chat/completions"}
         )
-        build({"uri": "/a/*", "plugins": {"ai-proxy": conf}})
+        build_table({"uri": "/a/*", "plugins": {"ai-proxy": conf}})
 
     def test_bad_names(self) -> None:
         """
@@ -523,7 +512,7 @@ class ConfigTests(SynchronousTestCase):
         """
         conf = vertex_conf(auth={"gcp": {}})
         self.patch(os, "environ", {ENVIRONMENT_VARIABLE: key_json()})
-        table = build({"uri": "/a/*", "plugins": {"ai-proxy": conf}})
+        table = build_table({"uri": "/a/*", "plugins": {"ai-proxy": conf}})
         self.assertIsInstance(table.routes[0].instances[0].auth, GCPTokenAuth)
         self.patch(os, "environ", {ENVIRONMENT_VARIABLE: "{"})
         [problem] = problems_of(conf)
