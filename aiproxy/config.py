@@ -17,13 +17,16 @@ from typing import Any
 
 import yaml
 
+from aiproxy.access.consumers import consumer_problems
 from aiproxy.schema import Problem, format_path, load_schema, path_key, schema_problems
 
 __all__ = [
     "DEFAULT_LISTEN",
     "PROXY_PLUGINS",
+    "ACCESS_PLUGINS",
     "Config",
     "ConfigError",
+    "ConsumerConfig",
     "RouteConfig",
     "load_config",
     "parse_config",
@@ -31,6 +34,8 @@ __all__ = [
 
 DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1"
 PROXY_PLUGINS = ("ai-proxy", "ai-proxy-multi")
+#: Plugins that decide whether a request is served, before any filter.
+ACCESS_PLUGINS = ("key-auth", "ai-rate-limiting")
 
 #: C{${NAME}} or C{${NAME:-default}}.
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -58,7 +63,9 @@ class RouteConfig:
     @ivar methods: allowed HTTP methods, or L{None} for any.
     @ivar proxy_plugin: C{ai-proxy} or C{ai-proxy-multi}.
     @ivar proxy: that plugin's config, defaults filled in.
-    @ivar plugins: the other plugins' configs by name, defaults filled in.
+    @ivar plugins: the filter plugins' configs by name, defaults filled in.
+    @ivar key_auth: the C{key-auth} config, or L{None} (anyone may call).
+    @ivar rate_limiting: the C{ai-rate-limiting} config, or L{None}.
     """
 
     id: str
@@ -67,12 +74,35 @@ class RouteConfig:
     proxy_plugin: str
     proxy: Mapping[str, Any]
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    key_auth: Mapping[str, Any] | None = None
+    rate_limiting: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """
+    One validated consumer.
+
+    @ivar key_auth: its C{key-auth} config (C{key} or C{key_sha256}).
+    @ivar rate_limiting: its own C{ai-rate-limiting} budget, or L{None}.
+    """
+
+    username: str
+    key_auth: Mapping[str, Any]
+    rate_limiting: Mapping[str, Any] | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Config:
     """
     A whole validated configuration file.
+
+    @ivar workers: worker processes (C{"auto"}: one per core).
+    @ivar client_header_timeout: seconds for a whole request head.
+    @ivar client_body_timeout: seconds for a request body, extended by one
+        per C{client_body_min_rate} bytes received.
+    @ivar max_client_connections: client connections open at once, at most.
     """
 
     listen: tuple[str, ...]
@@ -80,6 +110,12 @@ class Config:
     metrics_listen: str | None = None
     shutdown_grace_s: float = 30.0
     source: str | None = None
+    consumers: tuple[ConsumerConfig, ...] = ()
+    workers: int | str = 1
+    client_header_timeout: float = 30.0
+    client_body_timeout: float = 30.0
+    client_body_min_rate: int = 500
+    max_client_connections: int = 10000
 
 
 def _yaml_reason(error: yaml.YAMLError) -> str:
@@ -171,6 +207,8 @@ def _build_route(index: int, route: dict) -> RouteConfig:
     plugins = dict(route["plugins"])
     proxy_plugin = next(name for name in PROXY_PLUGINS if name in plugins)
     proxy = plugins.pop(proxy_plugin)
+    key_auth = plugins.pop("key-auth", None)
+    rate_limiting = plugins.pop("ai-rate-limiting", None)
     methods = route.get("methods")
     return RouteConfig(
         id=route.get("id", f"route-{index}"),
@@ -179,6 +217,21 @@ def _build_route(index: int, route: dict) -> RouteConfig:
         proxy_plugin=proxy_plugin,
         proxy=proxy,
         plugins=plugins,
+        key_auth=key_auth,
+        rate_limiting=rate_limiting,
+    )
+
+
+def _build_consumer(consumer: dict) -> ConsumerConfig:
+    """
+    Turn one validated consumer document into a L{ConsumerConfig}.
+    """
+    plugins = consumer["plugins"]
+    return ConsumerConfig(
+        username=consumer["username"],
+        key_auth=plugins["key-auth"],
+        rate_limiting=plugins.get("ai-rate-limiting"),
+        labels=consumer.get("labels", {}),
     )
 
 
@@ -188,7 +241,9 @@ def default_plugin_schemas() -> dict[str, Mapping[str, Any]]:
     """
     from aiproxy.plugins import plugin_schemas
 
-    schemas: dict[str, Mapping[str, Any]] = {name: load_schema(name) for name in PROXY_PLUGINS}
+    schemas: dict[str, Mapping[str, Any]] = {
+        name: load_schema(name) for name in PROXY_PLUGINS + ACCESS_PLUGINS
+    }
     schemas.update(plugin_schemas())
     return schemas
 
@@ -332,6 +387,13 @@ def _validate(
                 if route_id in ids:
                     problems.append((["routes", index, "id"], f"duplicate route id {route_id!r}"))
                 ids.append(route_id)
+    if isinstance(document, dict):
+        reported = [path for path, _ in problems]
+        problems.extend(
+            (path, message)
+            for path, message in consumer_problems(document.get("consumers"))
+            if not any(path[: len(done)] == done for done in reported)
+        )
     if problems:
         problems.sort(key=lambda problem: path_key(problem[0]))
         raise ConfigError([f"{format_path(path)}: {message}" for path, message in problems])
@@ -342,6 +404,12 @@ def _validate(
         metrics_listen=document.get("metrics_listen"),
         shutdown_grace_s=float(document["shutdown_grace_s"]),
         source=source,
+        consumers=tuple(_build_consumer(c) for c in document["consumers"]),
+        workers=document["workers"],
+        client_header_timeout=float(document["client_header_timeout"]),
+        client_body_timeout=float(document["client_body_timeout"]),
+        client_body_min_rate=document["client_body_min_rate"],
+        max_client_connections=document["max_client_connections"],
     )
 
 

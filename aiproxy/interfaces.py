@@ -407,3 +407,36 @@ class IUpstreamAuth(Interface):
             L{aiproxy.upstream.request.ClientError} whose status and body
             the client gets (a credential that could not be obtained).
         """
+
+
+class ICounterStore(Interface):
+    """
+    Where token counters live: in the process, or in Redis shared by every
+    gateway. A counter is named by a key that includes its window, so it
+    is never reset, only left to expire.
+
+    Each method answers with a plain value when it can (the local store)
+    or a L{Deferred}; a Deferred fails with
+    L{aiproxy.budget.store.StoreUnavailable} when the store cannot be
+    reached in time.
+    """
+
+    description = Attribute("Where the counters are, for messages (never a secret).")
+
+    def spent(keys: Any) -> Any:
+        """
+        How much each counter of C{keys} (a sequence of C{str}) holds: a
+        list of C{int}, 0 for a counter that does not exist.
+        """
+
+    def charge(charges: Any) -> Any:
+        """
+        Add to counters: C{charges} is a sequence of C{(key, amount,
+        ttl_s)}; a counter created by it expires after C{ttl_s} seconds.
+        Atomic per counter; L{None} or a Deferred firing with L{None}.
+        """
+
+    def close() -> Any:
+        """
+        Close the store's connections: a Deferred.
+        """

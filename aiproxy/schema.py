@@ -23,7 +23,7 @@ from jsonschema.exceptions import ValidationError
 
 __all__ = ["Problem", "format_path", "load_schema", "path_key", "schema_problems"]
 
-_SCHEMA_FILES = ("config", "ai-proxy", "ai-proxy-multi")
+_SCHEMA_FILES = ("config", "ai-proxy", "ai-proxy-multi", "key-auth", "ai-rate-limiting")
 
 
 def _fill_defaults(validator_class: Any) -> Any:
