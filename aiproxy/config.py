@@ -29,7 +29,9 @@ __all__ = [
     "ConsumerConfig",
     "RouteConfig",
     "load_config",
+    "local_budget_problems",
     "parse_config",
+    "worker_count",
 ]
 
 DEFAULT_LISTEN = "tcp:port=9080:interface=127.0.0.1"
@@ -235,6 +237,44 @@ def _build_consumer(consumer: dict) -> ConsumerConfig:
     )
 
 
+def worker_count(workers: int | str) -> int:
+    """
+    The number of worker processes C{workers} (a number or C{"auto"}) means.
+    """
+    if workers == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    return int(workers)
+
+
+def local_budget_problems(config: Config, workers: int | str) -> list[str]:
+    """
+    The C{ai-rate-limiting} configs whose C{policy: local} counters would
+    each be counted per worker process (so multiplied by their number)
+    when C{workers} is more than one: one problem line each.
+    """
+    count = worker_count(workers)
+    if count <= 1:
+        return []
+    reason = (
+        f"policy local counts per process and {count} worker processes would multiply "
+        "the budget: use policy redis (or redis-cluster), or workers: 1"
+    )
+    places: list[list[str | int]] = [
+        ["routes", index, "plugins", "ai-rate-limiting", "policy"]
+        for index, route in enumerate(config.routes)
+        if route.rate_limiting is not None and route.rate_limiting["policy"] == "local"
+    ]
+    places.extend(
+        ["consumers", index, "plugins", "ai-rate-limiting", "policy"]
+        for index, consumer in enumerate(config.consumers)
+        if consumer.rate_limiting is not None and consumer.rate_limiting["policy"] == "local"
+    )
+    return [f"{format_path(path)}: {reason}" for path in places]
+
+
 def default_plugin_schemas() -> dict[str, Mapping[str, Any]]:
     """
     The schemas of the proxy plugins and every installed filter plugin.
@@ -398,7 +438,7 @@ def _validate(
         problems.sort(key=lambda problem: path_key(problem[0]))
         raise ConfigError([f"{format_path(path)}: {message}" for path, message in problems])
     listen = document["listen"]
-    return Config(
+    config = Config(
         listen=(listen,) if isinstance(listen, str) else tuple(listen),
         routes=tuple(_build_route(i, r) for i, r in enumerate(document["routes"])),
         metrics_listen=document.get("metrics_listen"),
@@ -411,6 +451,10 @@ def _validate(
         client_body_min_rate=document["client_body_min_rate"],
         max_client_connections=document["max_client_connections"],
     )
+    problems_of_workers = local_budget_problems(config, config.workers)
+    if problems_of_workers:
+        raise ConfigError(problems_of_workers)
+    return config
 
 
 def load_config(

@@ -33,6 +33,7 @@ RECORD_KEYS = frozenset(
         "bytes_in",
         "bytes_out",
         "abort_reason",
+        "consumer",
     }
 )
 
@@ -108,6 +109,7 @@ class ExchangeContext:
         "flushes",
         "path",
         "method",
+        "consumer",
     )
 
     def __init__(self, route_id: str, instance: str | None, started: float) -> None:
@@ -130,6 +132,8 @@ class ExchangeContext:
         self.flushes = 0
         self.path = ""
         self.method = ""
+        #: The consumer's username (L{None}: anonymous).
+        self.consumer: str | None = None
         self.reset_response()
 
     def reset_response(self) -> None:
@@ -182,7 +186,13 @@ class ExchangeContext:
         except that a later 0 does not erase a count already known (as in
         APISIX: an Anthropic C{message_delta} may carry C{input_tokens: 0}).
         The total is the upstream's, or at least prompt + completion.
+        L{usage} holds every field seen, by the same rule.
         """
+        previous = self.usage
+        if previous is not None:
+            merged = dict(previous)
+            merged.update((k, v) for k, v in usage.items() if v or k not in merged)
+            usage = merged
         self.usage = usage
         prompt = _int(usage.get("prompt_tokens"))
         if prompt is None:
@@ -242,4 +252,5 @@ class ExchangeContext:
             "bytes_out": self.bytes_out,
             "flushes": self.flushes,
             "abort_reason": self.abort_reason,
+            "consumer": self.consumer,
         }

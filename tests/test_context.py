@@ -215,6 +215,7 @@ class RecordTests(SynchronousTestCase):
             {
                 "route_id": "chat",
                 "instance": "ai-proxy-openai",
+                "consumer": None,
                 "status": 200,
                 "request_type": "ai_stream",
                 "request_llm_model": "gpt-4o-mini",

@@ -83,6 +83,9 @@ class Downstream:
         self._clock = clock
         self._status = 200
         self._headers: Headers = ()
+        #: Headers every answer carries besides the prepared ones (the
+        #: budgets' quota headers, a refusal's challenge).
+        self.extra_headers: Headers = ()
         self._pacer: _Pacer | None = None
         self.writer: ImmediateWriter | IntervalWriter | None = None
 
@@ -106,6 +109,8 @@ class Downstream:
         request = self._request
         request.setResponseCode(self._status)
         for name, values in self._headers:
+            request.responseHeaders.setRawHeaders(name, values)
+        for name, values in self.extra_headers:
             request.responseHeaders.setRawHeaders(name, values)
         self._context.status = self._status
         self._context.output_started = True

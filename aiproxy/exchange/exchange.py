@@ -15,7 +15,7 @@ are L{Deadlines}; the phase of the request is one L{Phase}.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -25,20 +25,21 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from aiproxy.context import ExchangeContext
+from aiproxy.exchange.admission import Admission, Refused
 from aiproxy.exchange.answer import SSE, Relays, relayed_head
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.exchange.downstream import Downstream
+from aiproxy.exchange.ending import ExchangeEnding
 from aiproxy.exchange.errors import error_body, held_error_body
 from aiproxy.exchange.failover import HELD_FAILURE_STATUS, Attempt, Failover
 from aiproxy.exchange.held import HeldFailure, HeldRelay
 from aiproxy.exchange.incoming import ClientRequest, send
 from aiproxy.exchange.phase import OVER, Phase
-from aiproxy.exchange.record import Timings, log_record
+from aiproxy.exchange.record import Timings
 from aiproxy.exchange.relay import Complete, Cut, Failed, Outcome
-from aiproxy.filters import Terminate
 from aiproxy.interfaces import IConverter, IExchange, IExchangeMonitor, IRelay, IStreamStage
 from aiproxy.routing.routes import Instance, Route
-from aiproxy.stream.protocols import BEDROCK_CONVERSE, PASSTHROUGH, error_event
+from aiproxy.stream.protocols import BEDROCK_CONVERSE
 from aiproxy.upstream.client import DiscardBody
 from aiproxy.upstream.failures import classify
 from aiproxy.upstream.request import ClientError
@@ -53,7 +54,7 @@ def _ms(seconds: float) -> int:
 
 
 @implementer(IExchange)
-class Exchange:
+class Exchange(ExchangeEnding):
     """
     One client request proxied to the route's upstream instances.
 
@@ -98,6 +99,7 @@ class Exchange:
             self._relay_ended,
         )
         self.failover = Failover(route, clock.seconds)
+        self.admission = Admission(route, request, clock.seconds)
         self._client: ClientRequest | None = None
         self._upstream_d: Any = None
         self._relay: IRelay | None = None
@@ -115,31 +117,69 @@ class Exchange:
         self.downstream.when_finished(lambda _: self._record(), self._client_lost)
         if self.monitor is not None:
             self.monitor.exchange_started(self)
+        self._step(self._prepare)
+
+    def _step(self, step: Callable[[], Instance | None]) -> None:
+        """
+        Try the instance C{step} gives, if any; a refusal it raises is
+        answered, and anything else it raises (a request filter's failure,
+        a bug) is a JSON 500 with a true record.
+        """
         try:
-            instance = self._prepare()
+            instance = step()
             if instance is not None:
                 self._try(instance)
         except ClientError as e:
-            self._answer(e.body(), e.status)
+            self._refuse(e)
         except Exception:
-            # A request filter (or a bug) failed: a JSON 500 and a true record.
             self._bug(Failure())
+
+    def _refuse(self, error: ClientError) -> None:
+        """
+        Answer a refused request.
+        """
+        if isinstance(error, Refused):
+            self.context.abort_reason = error.reason
+            self.downstream.extra_headers = error.headers
+        self._answer(error.body(), error.status)
 
     def _prepare(self) -> Instance | None:
         """
-        Check the client's request and run the request filters, once.
+        Find the consumer, check the client's request and run the request
+        filters, once; then read the budgets' counters.
 
-        @return: the first attempt's instance (L{None}: the client was answered).
+        @return: the first attempt's instance (L{None}: the client was
+            answered, or the counters are being read).
         @raise ClientError: when the client's request is refused.
         """
-        route = self.route
-        client = self._client = ClientRequest(self.request, route, self.context)
-        rejected = client.filter(route.request_filters, self.context)
+        route, context, admission = self.route, self.context, self.admission
+        admission.authenticate(context)
+        client = self._client = ClientRequest(self.request, route, context, admission.sent_key)
+        rejected = client.filter(route.request_filters, context)
         if rejected is not None:
             self._answer(json.dumps(rejected.body).encode("utf-8"), rejected.status)
             return None
-        self.deadlines.arm_duration(self.context.started, client.stream)
-        instance = self.failover.first(route.selection(self.request, client.protocol))
+        self.deadlines.arm_duration(context.started, client.stream)
+        if admission.budgeted:
+            d = admission.check()
+            if d is not None:
+                d.addCallbacks(self._admitted, self._admitted)
+                return None
+        return self._pick()
+
+    def _admitted(self, result: object) -> None:
+        """
+        The counters were read (or not): go on, unless the client left.
+        """
+        if self.phase is Phase.PREPARING:
+            self._step(result.raiseException if isinstance(result, Failure) else self._pick)
+
+    def _pick(self) -> Instance | None:
+        """
+        The first attempt's instance (L{Admission.first}).
+        """
+        assert self._client is not None
+        instance = self.admission.first(self.failover, self._client.protocol)
         if instance is None:
             # Every instance serving the protocol is out of use (weight 0
             # beside others): APISIX's "all servers tried".
@@ -154,6 +194,7 @@ class Exchange:
         call = self._client.upstream_call(instance, self.context)
         self._converter = instance.converter(self._client.protocol)
         attempt = self.failover.begin(instance)
+        self.downstream.extra_headers = self.admission.headers(instance.name)
         self.timings.attempt_sent(attempt.started)
         self.phase = Phase.WAITING
         # SSE comments cannot go into a binary (EventStream) answer.
@@ -178,12 +219,7 @@ class Exchange:
         self._stop_upstream()
         self.downstream.unpace()
         self.downstream.discard()
-        try:
-            self._try(instance)
-        except ClientError as e:
-            self._answer(e.body(), e.status)
-        except Exception:
-            self._bug(Failure())
+        self._step(lambda: instance)
 
     def _attempt_failed(self, reason: str, status: int, message: str) -> None:
         """
@@ -322,129 +358,3 @@ class Exchange:
                 self._terminate(outcome)
         except Exception:
             self._bug(Failure())
-
-    def _answer(
-        self, body: bytes, status: int | None = None, content_type: bytes = b"application/json"
-    ) -> None:
-        """
-        Answer whole, and end the exchange: C{body} with the prepared head,
-        or with C{status} and C{content_type}.
-        """
-        self.phase = Phase.ENDED
-        self.deadlines.cancel_all()
-        if status is not None:
-            self.downstream.prepare(status, ((b"content-type", [content_type]),))
-        self.downstream.respond(body)
-
-    def _stop(self) -> None:
-        """
-        End the exchange's work: its timers, and the upstream transfer in
-        whatever phase it is (its connection is closed, never pooled).
-        """
-        self.phase = Phase.ENDED
-        self.deadlines.cancel_all()
-        self._stop_upstream()
-
-    def _stop_upstream(self) -> None:
-        """
-        Abort the current upstream transfer: cancel the request before its
-        response, or stop reading the body.
-        """
-        if self.timings.upstream_ended is None:
-            self.timings.upstream_ended = self.clock.seconds()
-        if self._upstream_d is not None:
-            # Not guarded by d.called: once connected, treq's Deferred has fired and
-            # waits on the Agent's, and cancel() forwards to it (closing the connection).
-            d, self._upstream_d = self._upstream_d, None
-            d.cancel()
-        if self._relay is not None:
-            relay, self._relay = self._relay, None
-            relay.stop()
-
-    def _end_early(self, reason: str, status: int, message: str) -> None:
-        """
-        End the response early for C{reason}: before any output with
-        C{status} and a JSON error; after output with a final error event in
-        the client's protocol and a closed connection instead of a clean
-        end (never a C{[DONE]}).
-        """
-        if self.phase in OVER:
-            return
-        context = self.context
-        context.abort_reason = reason
-        log.warn(
-            "aborting AI {kind}: {reason}",
-            kind="stream" if context.stream else "request",
-            reason=reason,
-        )
-        mid_event = self._relay is not None and self._relay.mid_event
-        self._stop()
-        if not context.output_started:
-            converter = self._converter
-            body = (
-                error_body(message)
-                if converter is None
-                else converter.convert_error(status, message)
-            )
-            self._answer(body, status)
-            return
-        # The error event must be an event of its own, even after an upstream
-        # cut inside one.
-        event = error_event(context.protocol or PASSTHROUGH, message, reason)
-        self.downstream.cut(b"\n\n" + event if mid_event else event)
-        self._record()
-
-    def _terminate(self, result: Terminate) -> None:
-        """
-        A stream stage (a body filter) ended the response.
-        """
-        self.context.abort_reason = result.reason
-        self._stop()
-        if self.context.output_started:
-            self.downstream.finish(result.data)
-            return
-        self._answer(result.data, result.status, result.content_type.encode("latin-1"))
-
-    def abort(self, reason: str) -> None:
-        """
-        End the exchange now (the gateway is shutting down; L{IExchange.abort}).
-        """
-        self._end_early(reason, 503, "server shutting down")
-
-    def _bug(self, failure: Failure) -> None:
-        """
-        A programming error in a callback: log it and answer 500 if possible.
-        """
-        log.failure("proxying a request failed", failure)
-        self._end_early("internal_error", 500, "internal error")
-
-    def _client_lost(self, reason: Failure) -> None:
-        """
-        The client's connection closed before the response was complete.
-        """
-        if self.phase not in OVER:
-            context = self.context
-            context.abort_reason = "client_disconnect"
-            context.status = 499
-            log.info("client disconnected during AI streaming, aborting upstream read")
-            self._stop()
-            self.downstream.discard()
-        self._record()
-
-    def _record(self) -> None:
-        """
-        Write the access record, once.
-        """
-        if self.phase is Phase.RECORDED:
-            return
-        self.phase = Phase.RECORDED
-        context = self.context
-        if context.status is None:
-            context.status = self.downstream.status
-        if self.timings.upstream_ended is not None:
-            # APISIX's $upstream_response_time: until the upstream's answer ended.
-            context.upstream_response_time_ms = _ms(self.timings.upstream_ended - context.started)
-        now = self.clock.seconds()
-        record = log_record(context, self.failover.records(now), self.conf.get("logging"), now)
-        if self.monitor is not None:
-            self.monitor.exchange_ended(self, record, self.timings)

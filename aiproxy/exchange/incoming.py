@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from aiproxy.access.keyauth import SentKey, without_parameter
 from aiproxy.context import ExchangeContext
 from aiproxy.filters import Reject
 from aiproxy.interfaces import IRequestFilter
@@ -57,10 +58,18 @@ class ClientRequest:
     @ivar stream: the client asked for a stream.
     """
 
-    def __init__(self, request: Request, route: Route, context: ExchangeContext) -> None:
+    def __init__(
+        self,
+        request: Request,
+        route: Route,
+        context: ExchangeContext,
+        sent_key: SentKey | None = None,
+    ) -> None:
         """
         Read and check C{request}'s body for C{route}, filling in C{context}.
 
+        @param sent_key: where the client sent its gateway key: never
+            forwarded upstream.
         @raise ClientError: when the client's request is refused.
         """
         conf = route.conf
@@ -87,6 +96,12 @@ class ClientRequest:
         self._raw = raw
         self._headers = request.requestHeaders
         self._query = request.uri.partition(b"?")[2].decode("latin-1")
+        if sent_key is not None:
+            self._headers = self._headers.copy()
+            for name in sent_key.headers:
+                self._headers.removeHeader(name)
+            if sent_key.query is not None:
+                self._query = without_parameter(self._query, sent_key.query)
         self._copy = len(route.instances) > 1
         self._sent = False
 

@@ -364,6 +364,8 @@ def request_variable(request: Any, name: str) -> str | None:
         return host.rpartition(":")[0] if host.count(":") == 1 else host
     if name == "hostname":
         return _hostname()
+    if name == "consumer_name":
+        return getattr(request, "consumer_name", None)
     if name.startswith("arg_"):
         values = request.args.get(name[4:].encode("latin-1"))
         return values[0].decode("latin-1") if values else None
@@ -381,10 +383,13 @@ def request_hash_key(request: Any, hash_on: str, key: str | None) -> str:
     The C{chash} key of a client request, as APISIX computes it: the
     variable, header or cookie named by C{key}, or the C{vars_combinations}
     template with its variables filled in; the client's address when that
-    is empty (and always for C{consumer}: aiproxy has no consumers).
+    is empty. C{consumer} hashes the consumer's username (the client's
+    address for an anonymous request).
     """
     value: str | None = None
-    if key is not None:
+    if hash_on == "consumer":
+        value = getattr(request, "consumer_name", None)
+    elif key is not None:
         if hash_on == "vars":
             value = request_variable(request, key)
         elif hash_on == "header":

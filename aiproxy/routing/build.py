@@ -14,6 +14,8 @@ from urllib.parse import urlencode, urlsplit
 
 from OpenSSL import crypto
 
+from aiproxy.access.consumers import ConsumerTable
+from aiproxy.budget.stores import CounterStores, process_stores
 from aiproxy.config import Config, ConfigError, RouteConfig
 from aiproxy.interfaces import (
     IBodyFilterFactory,
@@ -23,6 +25,7 @@ from aiproxy.interfaces import (
     IUpstreamAuth,
 )
 from aiproxy.plugins import PluginConfigError
+from aiproxy.routing.access import build_consumers, route_access
 from aiproxy.routing.balancer import Balancer, hash_key_problem
 from aiproxy.routing.health import HealthChecker, HTTPProbe, ProbeTarget, parse_header_lines
 from aiproxy.routing.routes import FallbackPolicy, Instance, Route, RouteTable
@@ -284,7 +287,9 @@ def _build_route(
     route: RouteConfig,
     reactor: Any,
     plugins: Mapping[str, IFilterPlugin],
-    probe: IHealthProbe | None = None,
+    probe: IHealthProbe | None,
+    consumers: ConsumerTable,
+    stores: CounterStores,
 ) -> Route:
     """
     Build one route.
@@ -311,6 +316,9 @@ def _build_route(
         instances = _build_instances(route.id, conf, path, reactor, probe)
         fallback = FallbackPolicy.from_conf(conf)
     request_filters, body_filters = _configure_plugins(route, plugins, path[:-1])
+    key_auth, budget = route_access(
+        index, route, [instance.name for instance in instances], consumers, stores
+    )
     algorithm = (conf.get("balancer") or {}).get("algorithm", "roundrobin")
     return Route(
         id=route.id,
@@ -322,6 +330,8 @@ def _build_route(
         fallback=fallback,
         request_filters=request_filters,
         body_filters=body_filters,
+        key_auth=key_auth,
+        budget=budget,
     )
 
 
@@ -330,6 +340,7 @@ def build_routes(
     reactor: Any,
     plugins: Mapping[str, IFilterPlugin] | None = None,
     probe: IHealthProbe | None = None,
+    stores: CounterStores | None = None,
 ) -> RouteTable:
     """
     Build the route table of a validated config. Health checkers are built
@@ -338,17 +349,25 @@ def build_routes(
     @param plugins: filter plugins by name; the installed ones by default.
     @param probe: sends the health-check probes; over the network with
         C{reactor} by default.
+    @param stores: where budgets count; the process's by default.
     @raise ConfigError: with every route problem found.
     """
     if plugins is None:
         from aiproxy.plugins import available_plugins
 
         plugins = available_plugins()
+    if stores is None:
+        stores = process_stores(reactor)
     routes: list[Route] = []
     problems: list[str] = []
+    try:
+        consumers = build_consumers(config, stores)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        consumers = ConsumerTable()
     for index, route in enumerate(config.routes):
         try:
-            routes.append(_build_route(index, route, reactor, plugins, probe))
+            routes.append(_build_route(index, route, reactor, plugins, probe, consumers, stores))
         except ConfigError as e:
             problems.extend(e.problems)
     if problems:

@@ -123,6 +123,10 @@ class FallbackPolicy:
 
     on_429: bool = False
     on_5xx: bool = False
+    #: C{fallback_strategy} has C{rate_limiting} (or
+    #: C{instance_health_and_rate_limiting}): instances whose token quota
+    #: is spent are skipped.
+    on_rate_limit: bool = False
     statuses: frozenset[int] = frozenset()
     max_retries: int | None = None
     within_ms: int | None = None
@@ -142,8 +146,8 @@ class FallbackPolicy:
     def from_conf(cls, conf: Mapping[str, Any]) -> FallbackPolicy:
         """
         The policy of an C{ai-proxy-multi} config. C{rate_limiting} and
-        C{instance_health_and_rate_limiting} retry on no status: aiproxy has
-        no rate-limiting plugin whose state they would consult (health is
+        C{instance_health_and_rate_limiting} retry on no status: they skip
+        the instances whose C{ai-rate-limiting} quota is spent (health is
         always used when instances have checks).
         """
         strategy = conf.get("fallback_strategy") or ()
@@ -151,6 +155,7 @@ class FallbackPolicy:
         return cls(
             on_429="http_429" in names,
             on_5xx="http_5xx" in names,
+            on_rate_limit=bool(names & {"rate_limiting", "instance_health_and_rate_limiting"}),
             statuses=frozenset(conf.get("fallback_http_statuses") or ()),
             max_retries=conf.get("max_retries"),
             within_ms=conf.get("retry_on_failure_within_ms"),
@@ -170,6 +175,9 @@ class Route:
     @ivar fallback: when a failed attempt is tried again elsewhere.
     @ivar request_filters: request filters, highest priority first.
     @ivar body_filters: body-filter factories, highest priority first.
+    @ivar key_auth: the route's L{aiproxy.access.keyauth.KeyAuth}, or
+        L{None} (anyone may call).
+    @ivar budget: the route's L{aiproxy.budget.limits.Budget}, or L{None}.
     """
 
     id: str
@@ -181,6 +189,8 @@ class Route:
     fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
     request_filters: Sequence[IRequestFilter] = ()
     body_filters: Sequence[IBodyFilterFactory] = ()
+    key_auth: Any = None
+    budget: Any = None
     _serving: dict[str, frozenset[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -202,10 +212,13 @@ class Route:
             self._serving[protocol] = serving
         return serving
 
-    def selection(self, request: Any, protocol: str) -> Selection[Instance]:
+    def selection(
+        self, request: Any, protocol: str, excluded: frozenset[str] = frozenset()
+    ) -> Selection[Instance]:
         """
         Start picking instances for C{request}, among those that serve
-        C{protocol} (as it is, or converted).
+        C{protocol} (as it is, or converted), but for those named in
+        C{excluded}.
         """
         balancer = self.balancer
         key = None
@@ -218,6 +231,8 @@ class Route:
                 return request_hash_key(request, hash_on, hash_key)
 
         serving = self.serving(protocol)
+        if excluded:
+            return balancer.selection(lambda i: id(i) in serving and i.name not in excluded, key)
         return balancer.selection(lambda i: id(i) in serving, key)
 
 
