@@ -64,7 +64,13 @@ def _inline(node: Any, documents: Mapping[str, dict], base: str) -> Any:
         target: Any = documents[doc_id]
         for part in filter(None, pointer.split("/")):
             target = target[part]
-        merged = dict(_inline(target, documents, doc_id))
+        # A subschema naming its own $schema/$id would be validated by a
+        # validator that does not fill in defaults.
+        merged = {
+            k: v
+            for k, v in _inline(target, documents, doc_id).items()
+            if k not in ("$schema", "$id")
+        }
         merged.update({k: _inline(v, documents, base) for k, v in node.items() if k != "$ref"})
         return merged
     return {k: _inline(v, documents, base) for k, v in node.items() if k != "$defs"}

@@ -231,14 +231,18 @@ class Admission:
         instance = failover.first(route.selection(self._request, protocol, skipped))
         if (instance is None and skipped) or (instance is not None and instance.name in exhausted):
             assert route.budget is not None
-            self._refuse(route.budget)
+            self._refuse(route.budget, None if instance is None else instance.name)
         return instance
 
-    def _refuse(self, budget: Budget) -> None:
+    def _refuse(self, budget: Budget, instance: str | None = None) -> None:
+        """
+        @raise Refused: with C{budget}'s C{rejected_code} and
+            C{rejected_msg}, and the quota headers.
+        """
         raise Refused(
             budget.rejected_code,
             _json({"error_msg": budget.rejected_msg}),
-            [],
+            self.headers(instance),
             "rate_limited",
         )
 
