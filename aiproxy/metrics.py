@@ -153,6 +153,12 @@ class Metrics:
             ["model", "type"],
             registry=registry,
         )
+        self.consumer_tokens = Counter(
+            "aiproxy_consumer_tokens",
+            "Tokens reported by upstreams for the requests of each consumer (key-auth), by type.",
+            ["consumer", "type"],
+            registry=registry,
+        )
         self.aborts = Counter(
             "aiproxy_aborts",
             "Responses ended early, by reason.",
@@ -287,12 +293,15 @@ class Metrics:
         if bytes_out:
             self.bytes_out.labels(route=route).inc(bytes_out)
         model = None
+        consumer = record.get("consumer")
         for kind, key in _TOKEN_TYPES:
             count = record.get(key)
             if isinstance(count, int) and not isinstance(count, bool) and count > 0:
                 if model is None:
                     model = self.model_label(record.get("llm_model"))
                 self.tokens.labels(model=model, type=kind).inc(count)
+                if consumer is not None:
+                    self.consumer_tokens.labels(consumer=consumer, type=kind).inc(count)
 
 
 class MetricsSite(Site):
