@@ -261,6 +261,15 @@ REGIONS: dict[str, Callable[[], str]] = {
     "ai-proxy-multi": _multi,
     "providers": _providers,
     "filter-plugins": _filter_plugins,
+    "consumer": lambda: _field_table(
+        field_rows(
+            load_schema("config")["properties"]["consumers"]["items"],
+            expand=lambda path: path != "plugins.ai-rate-limiting",
+        ),
+        {"plugins.ai-rate-limiting": " Same fields as the route plugin below."},
+    ),
+    "key-auth": lambda: _field_table(field_rows(load_schema("key-auth"))),
+    "ai-rate-limiting": lambda: _field_table(field_rows(load_schema("ai-rate-limiting"))),
 }
 
 
