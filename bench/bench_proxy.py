@@ -13,6 +13,12 @@ within one run, not absolute numbers across machines.
     python bench/bench_proxy.py --scenario paced --flush-ms 0,10
     python bench/bench_proxy.py --pin 1               # proxy on CPU 1 (taskset)
     python bench/bench_proxy.py --scenario throughput,converted   # conversion's cost
+    python bench/bench_proxy.py --scenario nonstream --access none,key-auth,local,redis
+
+`--access` puts key-auth and budgets on the route: `key-auth` (the client
+sends a consumer's key), `local` (key-auth and an `ai-rate-limiting` budget
+counted in the process) and `redis` (the same budget in a `redis-server`
+started for the run).
 
 The `converted` scenario is `throughput` with an Anthropic Messages client
 on the same OpenAI upstream (every event converted); its CPU per event is
@@ -188,7 +194,7 @@ async def client(
     body = json.dumps(document).encode()
     request = (
         b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n%s" % (path, len(body), body)
+        b"apikey: %s\r\ncontent-length: %d\r\n\r\n%s" % (path, BENCH_KEY.encode(), len(body), body)
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     done = 0
@@ -214,7 +220,7 @@ MESSAGES_PATH = b"/v1/messages"
 
 CONFIG = """\
 listen: "tcp:port={port}:interface=127.0.0.1"
-routes:
+{consumers}routes:
   - uris: [/v1/chat/completions, /v1/messages]
     plugins:
       ai-proxy:
@@ -225,6 +231,69 @@ routes:
         streaming_flush_interval_ms: {flush}
         keepalive_pool: 1024
 {extra}"""
+
+
+#: The consumer key the load client sends.
+BENCH_KEY = "bench-key-0123456789abcdef"
+
+CONSUMERS = """\
+consumers:
+  - username: bench
+    plugins:
+      key-auth: {{key: "{key}"}}
+"""
+
+#: Route plugin lines of each --access value (the Redis port filled in).
+ACCESS = {
+    "none": "",
+    "key-auth": "      key-auth: {{}}\n",
+    "local": "      key-auth: {{}}\n"
+    "      ai-rate-limiting: {{limit: 1000000000000, time_window: 3600}}\n",
+    "redis": "      key-auth: {{}}\n"
+    "      ai-rate-limiting: {{limit: 1000000000000, time_window: 3600, policy: redis,"
+    " redis_host: 127.0.0.1, redis_port: {redis_port}}}\n",
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_redis(tmp: str) -> tuple[subprocess.Popen, int]:
+    """
+    A C{redis-server} on a free loopback port, for the C{redis} access mode.
+    """
+    port = _free_port()
+    redis = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return redis, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
 
 
 def _twistd() -> list[str]:
@@ -297,7 +366,15 @@ SCENARIOS = {
 }
 
 
-async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build: Build) -> dict:
+async def run(
+    scenario: str,
+    flush_ms: int,
+    pin: str | None,
+    filters: str,
+    build: Build,
+    access: str = "none",
+    redis_port: int = 0,
+) -> dict:
     events, delay, concurrency, stream, seconds = SCENARIOS[scenario]
     client_path = MESSAGES_PATH if scenario == "converted" else CHAT_PATH
     upstream = Upstream(events, delay)
@@ -307,7 +384,15 @@ async def run(scenario: str, flush_ms: int, pin: str | None, filters: str, build
         port = 20000 + os.getpid() % 10000
         path = os.path.join(tmp, "aiproxy.yaml")
         with open(path, "w") as f:
-            f.write(CONFIG.format(port=port, upstream=upstream_port, flush=flush_ms, extra=filters))
+            f.write(
+                CONFIG.format(
+                    port=port,
+                    upstream=upstream_port,
+                    flush=flush_ms,
+                    extra=filters + ACCESS[access].format(redis_port=redis_port),
+                    consumers="" if access == "none" else CONSUMERS.format(key=BENCH_KEY),
+                )
+            )
         argv = build.argv + ["-n", "--pidfile=", "aiproxy", "--config", path]
         if pin is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", pin] + argv
@@ -395,12 +480,23 @@ def main() -> None:
     parser.add_argument(
         "--regex-filter", action="store_true", help="add an ai-response-redact rule"
     )
+    parser.add_argument(
+        "--access",
+        default="none",
+        help="comma-separated: none, key-auth, local, redis (key-auth and budgets on the route)",
+    )
     args = parser.parse_args()
     scenarios = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
     filters = ""
     if args.regex_filter:
         filters = "      ai-response-redact: {rules: [{pattern: 'sk-[A-Za-z0-9]{20,}', replacement: '[key]'}]}\n"
     builds = _builds(args.twistd)
+    accesses = args.access.split(",")
+    redis: subprocess.Popen | None = None
+    redis_port = 0
+    redis_dir = tempfile.mkdtemp()
+    if "redis" in accesses:
+        redis, redis_port = _start_redis(redis_dir)
     print(
         "| scenario | flush_ms | build | req/s | events/s | proxy CPU % | CPU µs/event (or /request) | TTFT p50 ms | TTFT p99 ms | HTTP chunks/stream | errors | RSS MB |"
     )
@@ -409,13 +505,34 @@ def main() -> None:
     def fmt(value: float | None, spec: str = ".1f") -> str:
         return "-" if value is None else format(value, spec)
 
+    variants = [(build, access) for access in accesses for build in builds]
+
+    def label_of(build: Build, access: str) -> str:
+        return build.label if access == "none" else f"{build.label} {access}"
+
+    try:
+        _rows(args, scenarios, filters, variants, label_of, redis_port, fmt)
+    finally:
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
+        shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+def _rows(args, scenarios, filters, variants, label_of, redis_port, fmt) -> None:  # noqa: ANN001
+    """
+    Run every scenario and flush value for every variant (build and access
+    mode), alternating within each round, and print a row per variant.
+    """
     for scenario in scenarios:
         for flush in (int(x) for x in args.flush_ms.split(",")):
-            runs: dict[str, list[dict]] = {build.label: [] for build in builds}
+            runs: dict[str, list[dict]] = {label_of(*v): [] for v in variants}
             for _ in range(args.rounds):
-                for build in builds:
-                    runs[build.label].append(
-                        asyncio.run(run(scenario, flush, args.pin, filters, build))
+                for build, access in variants:
+                    runs[label_of(build, access)].append(
+                        asyncio.run(
+                            run(scenario, flush, args.pin, filters, build, access, redis_port)
+                        )
                     )
             for label, label_runs in runs.items():
                 r = _medians(label_runs)

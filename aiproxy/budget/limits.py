@@ -21,7 +21,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiproxy.budget.cost import CostExpressionError, compile_cost
@@ -51,6 +51,19 @@ class Quota:
     window: int
     counter: str
     key: str | None = None
+    #: The names of its three headers, encoded once.
+    header_names: tuple[bytes, bytes, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        name = self.name.encode("latin-1")
+        object.__setattr__(
+            self,
+            "header_names",
+            tuple(
+                b"x-ai-ratelimit-" + kind + b"-" + name
+                for kind in (b"limit", b"remaining", b"reset")
+            ),
+        )
 
     def window_of(self, now: float) -> tuple[int, int]:
         """
@@ -135,6 +148,7 @@ class Budget:
         self.rejected_code: int = conf["rejected_code"]
         self.rejected_msg: str = conf.get("rejected_msg") or DEFAULT_REJECTED_MSG
         prefix = f"aiproxy:rl:{scope}"
+        self._named: dict[str, Quota] = {}
         self.route_quota = None
         if "limit" in conf:
             self.route_quota = Quota(
@@ -171,7 +185,12 @@ class Budget:
         route = self.route_quota
         if route is None or instance is None:
             return route
-        return Quota(instance, route.limit, route.window, route.counter)
+        named = self._named.get(instance)
+        if named is None:
+            named = self._named[instance] = Quota(
+                instance, route.limit, route.window, route.counter
+            )
+        return named
 
 
 def budget_problems(

@@ -259,12 +259,10 @@ class Admission:
                 continue
             quota = tab.quota
             reset = max(0, math.ceil(quota.window_of(now)[1] - now))
-            name = quota.name.encode("latin-1")
-            out.append((b"x-ai-ratelimit-limit-" + name, [b"%d" % quota.limit]))
-            out.append(
-                (b"x-ai-ratelimit-remaining-" + name, [b"%d" % max(0, quota.limit - tab.spent)])
-            )
-            out.append((b"x-ai-ratelimit-reset-" + name, [b"%d" % reset]))
+            limit, remaining, reset_name = quota.header_names
+            out.append((limit, [b"%d" % quota.limit]))
+            out.append((remaining, [b"%d" % max(0, quota.limit - tab.spent)]))
+            out.append((reset_name, [b"%d" % reset]))
         return out
 
     def charge(self, context: Any) -> None:
