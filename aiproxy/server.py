@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_server -*-
 """
 The HTTP front: a L{Site} whose root finds the route of each request, and
-a L{Request} that refuses an oversized body before reading it.
+a L{Request} that refuses an oversized body before reading it; the client
+connections are held to the limits of L{aiproxy.listener} (C{Host}
+checks, deadlines for request heads and bodies, a cap on connections).
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aiproxy.accesslog import log_access
+from aiproxy.config import Config
 from aiproxy.exchange import Exchange
 from aiproxy.exchange.errors import error_body
 from aiproxy.exchange.record import refusal_record
 from aiproxy.interfaces import IExchangeMonitor
+from aiproxy.listener import ClientLimits, ConnectionCap, LimitedChannel, RefusedConnection
 from aiproxy.routing.routes import Route, RouteTable
 from aiproxy.tcp import set_no_delay
 from aiproxy.upstream.request import too_large_message
@@ -211,6 +215,7 @@ class GatewayRequest(Request):
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
         )
         transport.loseConnection()
+        self.channel.closing()
         route = self._route
         _log_refusal(
             _monitor_of(self.channel.site),
@@ -227,16 +232,20 @@ class GatewayRequest(Request):
         )
 
 
-class GatewayChannel(HTTPChannel):
+class GatewayChannel(LimitedChannel):
     """
     An HTTP/1.1 channel whose refusals of a request head are clean answers,
     each with a JSON body, C{Connection: close} and an access record
     (counted in the metrics, as a 404 is): 414
     for a request line longer than C{MAX_LENGTH} (16 KiB), 431 for a header
     line that long, more than C{maxHeaders} headers or a head of more than
-    C{totalHeadersSize} bytes, 400 for anything else malformed. Twisted
-    alone answers a bare 400, or closes the connection without a word when
-    one line is too long.
+    C{totalHeadersSize} bytes, 400 for a missing, repeated or invalid
+    C{Host} (RFC 9112 §3.2) and for anything else malformed, 408 for a
+    head or body not received within its deadline. Twisted alone answers a
+    bare 400, or closes the connection without a word when one line is too
+    long.
+
+    Its deadlines are L{LimitedChannel}'s.
     """
 
     #: The site that built it (C{Site.buildProtocol} sets it through the
@@ -276,12 +285,25 @@ class GatewayChannel(HTTPChannel):
             % (status, HTTPStatus(status).phrase.encode("ascii"), len(body), body)
         )
         self.loseConnection()
+        self.closing()
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         command = getattr(self, "_command", None) or b""
         path = getattr(self, "_path", None) or b""
+        # A body deadline names the route the request had.
+        request = self.requests[-1] if self.requests else None
+        route: Route | None = getattr(request, "_route", None)
         _log_refusal(
             _monitor_of(self.site),
-            refusal_record(command, path, status, reason=reason, bytes_out=len(body)),
+            refusal_record(
+                command,
+                path,
+                status,
+                route.id if route is not None else None,
+                route.instance_name if route is not None else None,
+                reason,
+                bytes_in=getattr(request, "_received", 0),
+                bytes_out=len(body),
+            ),
         )
 
 
@@ -302,12 +324,20 @@ class GatewaySite(Site):
     """
     The gateway's site: L{GatewayRequest}s, and no Twisted access log (the
     exchanges write their own records).
+
+    @ivar limits: the L{ClientLimits} in force (L{apply_limits} sets them).
+    @ivar cap: the L{ConnectionCap} counting the client connections.
     """
 
     requestFactory = GatewayRequest
     protocol = _gateway_channel  # type: ignore[assignment]
 
     def __init__(self, resource: GatewayResource, **kwargs: Any) -> None:
+        """
+        @param kwargs: as L{Site}'s; C{timeout} is the idle timeout of a
+            kept-alive connection (L{CLIENT_IDLE_TIMEOUT} by default) and
+            C{reactor} runs every client deadline.
+        """
         kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
         # Bodies are JSON: never parse them as HTML form submissions (Twisted
         # would parse every POST's Content-Type with the email package).
@@ -315,10 +345,35 @@ class GatewaySite(Site):
         super().__init__(resource, **kwargs)
         #: The open client connections (their protocols), for the drain.
         self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.limits = ClientLimits()
+        self.cap = ConnectionCap(
+            self.reactor,
+            self.get_limits,
+            lambda: getattr(_monitor_of(self), "metrics", None),
+        )
+
+    def get_limits(self) -> ClientLimits:
+        """
+        The limits in force.
+        """
+        return self.limits
+
+    def apply_limits(self, config: Config) -> None:
+        """
+        Hold client connections to C{config}'s C{client_header_timeout},
+        C{client_body_timeout}, C{client_body_min_rate} and
+        C{max_client_connections}: at start and on reload. Deadlines already
+        running keep their time; the next ones use the new values.
+        """
+        self.limits = ClientLimits.from_config(config)
 
     def buildProtocol(self, addr: Any) -> Any:
+        if not self.cap.admit():
+            return RefusedConnection()
         protocol = super().buildProtocol(addr)
         if protocol is not None:
+            # The channel's own deadlines replace Twisted's idle timeout.
+            protocol.timeOut = None
             self.connections.add(protocol)
         return protocol
 
