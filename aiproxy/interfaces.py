@@ -14,6 +14,7 @@ __all__ = [
     "IBodyFilter",
     "IBodyFilterFactory",
     "IConverter",
+    "ICounterStore",
     "IDownstream",
     "IExchange",
     "IExchangeMonitor",

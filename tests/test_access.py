@@ -17,7 +17,7 @@ from aiproxy.access.keyauth import (
     KeyAuth,
     KeyRefused,
     SentKey,
-    without_parameter,
+    without_parameters,
 )
 from aiproxy.config import ConfigError, parse_config
 from aiproxy.routing.balancer import request_hash_key, request_variable
@@ -137,14 +137,14 @@ class KeyAuthTests(SynchronousTestCase):
 
     def test_header(self) -> None:
         self.assertEqual(
-            self.found(key_auth(), request(apikey=ALICE)), ("alice", SentKey((b"apikey",), None))
+            self.found(key_auth(), request(apikey=ALICE)), ("alice", SentKey((b"apikey",), ()))
         )
 
     def test_custom_header(self) -> None:
         auth = key_auth(header="X-Gateway-Key")
         self.assertEqual(
             self.found(auth, request(x_gateway_key=ALICE)),
-            ("alice", SentKey((b"x-gateway-key",), None)),
+            ("alice", SentKey((b"x-gateway-key",), ())),
         )
         with self.assertRaises(KeyRefused):
             auth.authenticate(request(apikey=ALICE))
@@ -152,26 +152,26 @@ class KeyAuthTests(SynchronousTestCase):
     def test_bearer(self) -> None:
         self.assertEqual(
             self.found(key_auth(), request(authorization=f"Bearer {BOB}")),
-            ("bob", SentKey((b"authorization",), None)),
+            ("bob", SentKey((b"authorization",), ())),
         )
 
     def test_x_api_key(self) -> None:
         self.assertEqual(
             self.found(key_auth(), request(x_api_key=BOB)),
-            ("bob", SentKey((b"x-api-key",), None)),
+            ("bob", SentKey((b"x-api-key",), ())),
         )
 
     def test_query(self) -> None:
         self.assertEqual(
             self.found(key_auth(), request(b"/v1/chat?x=1&apikey=" + ALICE.encode())),
-            ("alice", SentKey((), "apikey")),
+            ("alice", SentKey((), ("apikey",))),
         )
 
     def test_custom_query(self) -> None:
         auth = key_auth(query="key")
         self.assertEqual(
             self.found(auth, request(b"/v1/chat?key=" + ALICE.encode())),
-            ("alice", SentKey((), "key")),
+            ("alice", SentKey((), ("key",))),
         )
 
     def test_order(self) -> None:
@@ -187,7 +187,24 @@ class KeyAuthTests(SynchronousTestCase):
             x_api_key=ALICE,
         )
         self.assertEqual(
-            self.found(key_auth(), r), ("alice", SentKey((b"apikey", b"x-api-key"), "apikey"))
+            self.found(key_auth(), r), ("alice", SentKey((b"apikey", b"x-api-key"), ("apikey",)))
+        )
+
+    def test_every_place_holding_the_key(self) -> None:
+        """
+        Headers and parameters the route does not look in are reported too
+        when they hold the key.
+        """
+        r = request(
+            b"/v1/chat?token=" + ALICE.encode() + b"&other=1",
+            apikey=ALICE,
+            x_gateway_key=ALICE,
+            x_custom=f"Token {ALICE}",
+            x_other="not-the-key",
+        )
+        self.assertEqual(
+            self.found(key_auth(), r),
+            ("alice", SentKey((b"apikey", b"x-gateway-key", b"x-custom"), ("token",))),
         )
 
     def test_first_key_counts(self) -> None:
@@ -205,7 +222,9 @@ class KeyAuthTests(SynchronousTestCase):
             self.assertEqual(caught.exception.message, MISSING_KEY)
 
     def test_without_parameter(self) -> None:
-        self.assertEqual(without_parameter("a=1&apikey=s&b=&apikey=t", "apikey"), "a=1&b=")
+        self.assertEqual(
+            without_parameters("a=1&apikey=s&b=&apikey=t&k=u", ("apikey", "k")), "a=1&b="
+        )
 
 
 class ConsumerVariableTests(SynchronousTestCase):

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiproxy.access.consumers import Consumer, ConsumerTable
 
-__all__ = ["INVALID_KEY", "MISSING_KEY", "KeyAuth", "KeyRefused", "SentKey", "without_parameter"]
+__all__ = ["INVALID_KEY", "MISSING_KEY", "KeyAuth", "KeyRefused", "SentKey", "without_parameters"]
 
 MISSING_KEY = "Missing API key in request"
 INVALID_KEY = "Invalid API key in request"
@@ -45,11 +45,11 @@ class KeyRefused(Exception):
 class SentKey:
     """
     Where a client sent its key: the headers and query parameters that
-    hold it, none of which may travel upstream.
+    hold it (wherever it looked), none of which may travel upstream.
     """
 
     headers: tuple[bytes, ...]
-    query: str | None
+    query: tuple[str, ...]
 
 
 class KeyAuth:
@@ -62,51 +62,73 @@ class KeyAuth:
         self._query = conf["query"]
         self._consumers = consumers
 
-    def _candidates(self, request: Any) -> list[tuple[bytes | None, bytes]]:
+    def _first_key(self, request: Any) -> bytes | None:
         """
-        Every key the request carries, in lookup order, with its header
-        (L{None} for the query parameter).
+        The first key the request carries, in lookup order.
         """
         headers = request.requestHeaders
-        found: list[tuple[bytes | None, bytes]] = []
         for value in headers.getRawHeaders(self._header) or ():
-            found.append((self._header, value.strip()))
+            if value.strip():
+                return bytes(value.strip())
         for value in headers.getRawHeaders(b"authorization") or ():
             scheme, _, credentials = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and credentials.strip():
-                found.append((b"authorization", credentials.strip()))
+                return bytes(credentials.strip())
         for value in headers.getRawHeaders(b"x-api-key") or ():
-            found.append((b"x-api-key", value.strip()))
+            if value.strip():
+                return bytes(value.strip())
         query = request.uri.partition(b"?")[2]
         if query:
             for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-                if name == self._query:
-                    found.append((None, value.encode("latin-1")))
-        return [(where, key) for where, key in found if key]
+                if name == self._query and value:
+                    return value.encode("latin-1")
+        return None
 
     def authenticate(self, request: Any) -> tuple[Consumer, SentKey]:
         """
-        The consumer calling, and where its key was sent.
+        The consumer calling, and everywhere its key was sent.
 
         @raise KeyRefused: no key, or a key no consumer has (the first key
             found is the one that counts).
         """
-        candidates = self._candidates(request)
-        if not candidates:
+        key = self._first_key(request)
+        if key is None:
             raise KeyRefused(MISSING_KEY, "missing_key")
-        key = candidates[0][1]
         consumer = self._consumers.find(key)
         if consumer is None:
             raise KeyRefused(INVALID_KEY, "invalid_key")
-        headers = tuple(
-            dict.fromkeys(where for where, value in candidates if where and value == key)
+        return consumer, _places(request, key)
+
+
+def _places(request: Any, key: bytes) -> SentKey:
+    """
+    Every header and query parameter of C{request} that holds C{key}
+    (alone, or after a scheme as in C{Bearer <key>}).
+    """
+    tail = b" " + key
+    headers = tuple(
+        name.lower()
+        for name, values in request.requestHeaders.getAllRawHeaders()
+        if any(value.strip() == key or value.rstrip().endswith(tail) for value in values)
+    )
+    query = request.uri.partition(b"?")[2]
+    names: tuple[str, ...] = ()
+    if query and key in query:
+        text = key.decode("latin-1")
+        names = tuple(
+            dict.fromkeys(
+                name
+                for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+                if value == text
+            )
         )
-        in_query = any(where is None and value == key for where, value in candidates)
-        return consumer, SentKey(headers, self._query if in_query else None)
+    return SentKey(headers, names)
 
 
-def without_parameter(query: str, name: str) -> str:
+def without_parameters(query: str, names: tuple[str, ...]) -> str:
     """
-    A query string without the parameter C{name}.
+    A query string without the parameters C{names}.
     """
-    return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != name])
+    return urlencode(
+        [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in names]
+    )

@@ -26,6 +26,10 @@ _BINARY: dict[type, Callable[[float, float], float]] = {
     ast.Div: lambda a, b: a / b if b else 0.0,
 }
 
+#: The largest cost of one request (a huge or infinite result is charged
+#: this much: it spends any budget).
+MAX_COST = float(2**53)
+
 #: The longest expression accepted, in characters.
 MAX_LENGTH = 1000
 
@@ -100,8 +104,11 @@ def compile_cost(expression: str) -> Cost:
 
     def evaluate(usage: Mapping[str, Any]) -> float:
         try:
-            return max(0.0, cost(usage))
+            value = cost(usage)
         except (OverflowError, RecursionError):
+            return MAX_COST
+        if value != value:  # NaN: inf - inf
             return 0.0
+        return min(max(0.0, value), MAX_COST)
 
     return evaluate

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
-from aiproxy.access.keyauth import SentKey, without_parameter
+from aiproxy.access.keyauth import SentKey, without_parameters
 from aiproxy.context import ExchangeContext
 from aiproxy.filters import Reject
 from aiproxy.interfaces import IRequestFilter
@@ -100,8 +100,8 @@ class ClientRequest:
             self._headers = self._headers.copy()
             for name in sent_key.headers:
                 self._headers.removeHeader(name)
-            if sent_key.query is not None:
-                self._query = without_parameter(self._query, sent_key.query)
+            if sent_key.query:
+                self._query = without_parameters(self._query, sent_key.query)
         self._copy = len(route.instances) > 1
         self._sent = False
 

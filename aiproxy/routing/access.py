@@ -36,7 +36,11 @@ def _budget(
     problems = budget_problems(conf, instance_names)
     if problems:
         raise ConfigError([f"{format_path(path + where)}: {reason}" for where, reason in problems])
-    return Budget(scope, conf, stores.store(conf), route_name)
+    try:
+        store = stores.store(conf)
+    except ValueError as e:  # e.g. a redis_cluster_nodes entry that is not host:port
+        raise ConfigError([f"{format_path(path)}: {e}"]) from None
+    return Budget(scope, conf, store, route_name)
 
 
 def build_consumers(config: Config, stores: CounterStores) -> ConsumerTable:
