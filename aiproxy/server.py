@@ -18,9 +18,12 @@ from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from aiproxy.access.consumers import Consumer
+from aiproxy.access.keyauth import CHALLENGE, KeyRefused, SentKey
 from aiproxy.accesslog import log_access
 from aiproxy.config import Config
 from aiproxy.exchange import Exchange
+from aiproxy.exchange.admission import client_error_body
 from aiproxy.exchange.errors import error_body
 from aiproxy.exchange.record import refusal_record
 from aiproxy.interfaces import IExchangeMonitor
@@ -162,6 +165,11 @@ class GatewayRequest(Request):
     matched = False
     _received = 0
     _refused = False
+    #: The consumer and where its key was sent, found from the head
+    #: (C{key-auth} routes).
+    authenticated: tuple[Consumer, SentKey] | None = None
+    #: The consumer's username, for C{$consumer_name} and C{hash_on: consumer}.
+    consumer_name: str | None = None
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(length)
@@ -170,14 +178,20 @@ class GatewayRequest(Request):
         command = getattr(self.channel, "_command", None)
         if path is None or command is None:
             return
-        self._route = site.resource.match(path, command)
+        route = self._route = site.resource.match(path, command)
         self.matched = True
-        if (
-            self._route is not None
-            and length is not None
-            and length > self._route.conf["max_req_body_size"]
-        ):
-            self._refuse(path, command, length)
+        if route is None:
+            return
+        if length is not None and length > route.conf["max_req_body_size"]:
+            self._refuse_large(path, command, length)
+        elif route.key_auth is not None:
+            try:
+                self.authenticated = route.key_auth.authenticate_head(self.requestHeaders, path)
+            except KeyRefused as e:
+                # Refused before its body is read.
+                where = path.partition(b"?")[0].decode("latin-1")
+                body = client_error_body(route, where, 401, e.message)
+                self._refuse(path, command, 401, body, e.reason, (b"www-authenticate", CHALLENGE))
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -187,7 +201,7 @@ class GatewayRequest(Request):
             # A 404 follows: the body is counted, not kept.
             return
         if self._route is not None and self._received > self._route.conf["max_req_body_size"]:
-            self._refuse(
+            self._refuse_large(
                 getattr(self.channel, "_path", b""),
                 getattr(self.channel, "_command", b""),
                 self._received,
@@ -200,19 +214,37 @@ class GatewayRequest(Request):
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self, path: bytes, command: bytes, size: int) -> None:
+    def _refuse_large(self, path: bytes, command: bytes, size: int) -> None:
         """
-        Answer 413 at once and close the connection; the body is not read.
+        Answer 413 at once: the body is over C{max_req_body_size}.
+        """
+        assert self._route is not None
+        body = error_body(too_large_message(size, self._route.conf["max_req_body_size"]))
+        self._refuse(path, command, 413, body, "request_too_large")
+
+    def _refuse(
+        self,
+        path: bytes,
+        command: bytes,
+        status: int,
+        body: bytes,
+        reason: str,
+        header: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """
+        Answer C{status} with the JSON C{body} (and C{header}) at once and
+        close the connection; the body is not read.
         """
         assert self._route is not None
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
-        body = error_body(too_large_message(size, self._route.conf["max_req_body_size"]))
         transport = self.channel.transport
         assert transport is not None
+        extra = b"" if header is None else header[0] + b": " + header[1] + b"\r\n"
         transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n%s"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, HTTPStatus(status).phrase.encode("ascii"), extra, len(body), body)
         )
         transport.loseConnection()
         self.channel.closing()
@@ -222,10 +254,10 @@ class GatewayRequest(Request):
             refusal_record(
                 command,
                 path,
-                413,
+                status,
                 route.id,
                 route.instance_name,
-                "request_too_large",
+                reason,
                 self._received,
                 len(body),
             ),

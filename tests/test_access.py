@@ -207,6 +207,17 @@ class KeyAuthTests(SynchronousTestCase):
             ("alice", SentKey((b"apikey", b"x-gateway-key", b"x-custom"), ("token",))),
         )
 
+    def test_encoded_query(self) -> None:
+        """
+        A key percent-encoded in the query is found, and its parameter
+        reported, by its decoded value.
+        """
+        encoded = b"%61" + ALICE[1:].replace("-", "%2D").encode()
+        self.assertEqual(
+            self.found(key_auth(), request(b"/v1/chat?apikey=" + encoded)),
+            ("alice", SentKey((), ("apikey",))),
+        )
+
     def test_first_key_counts(self) -> None:
         with self.assertRaises(KeyRefused) as caught:
             key_auth().authenticate(request(apikey="unknown-0123456789", x_api_key=ALICE))

@@ -62,11 +62,13 @@ class KeyAuth:
         self._query = conf["query"]
         self._consumers = consumers
 
-    def _first_key(self, request: Any) -> bytes | None:
+    def _first_key(self, headers: Any, query: bytes) -> bytes | None:
         """
-        The first key the request carries, in lookup order.
+        The first key a request carries, in lookup order.
+
+        @param headers: its L{twisted.web.http_headers.Headers}.
+        @param query: its query string.
         """
-        headers = request.requestHeaders
         for value in headers.getRawHeaders(self._header) or ():
             if value.strip():
                 return bytes(value.strip())
@@ -77,11 +79,9 @@ class KeyAuth:
         for value in headers.getRawHeaders(b"x-api-key") or ():
             if value.strip():
                 return bytes(value.strip())
-        query = request.uri.partition(b"?")[2]
-        if query:
-            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-                if name == self._query and value:
-                    return value.encode("latin-1")
+        for name, value in _parameters(query):
+            if name == self._query and value:
+                return value.encode("latin-1")
         return None
 
     def authenticate(self, request: Any) -> tuple[Consumer, SentKey]:
@@ -91,38 +91,46 @@ class KeyAuth:
         @raise KeyRefused: no key, or a key no consumer has (the first key
             found is the one that counts).
         """
-        key = self._first_key(request)
+        return self.authenticate_head(request.requestHeaders, request.uri)
+
+    def authenticate_head(self, headers: Any, target: bytes) -> tuple[Consumer, SentKey]:
+        """
+        L{authenticate} from a request's head alone: its headers and its
+        request target (path and query), before its body is read.
+        """
+        query = target.partition(b"?")[2]
+        key = self._first_key(headers, query)
         if key is None:
             raise KeyRefused(MISSING_KEY, "missing_key")
         consumer = self._consumers.find(key)
         if consumer is None:
             raise KeyRefused(INVALID_KEY, "invalid_key")
-        return consumer, _places(request, key)
+        return consumer, _places(headers, query, key)
 
 
-def _places(request: Any, key: bytes) -> SentKey:
+def _parameters(query: bytes) -> list[tuple[str, str]]:
     """
-    Every header and query parameter of C{request} that holds C{key}
-    (alone, or after a scheme as in C{Bearer <key>}).
+    The decoded parameters of a query string.
+    """
+    return parse_qsl(query.decode("latin-1"), keep_blank_values=True) if query else []
+
+
+def _places(headers: Any, query: bytes, key: bytes) -> SentKey:
+    """
+    Every header and query parameter that holds C{key} (alone, or after a
+    scheme as in C{Bearer <key>}; a parameter once decoded).
     """
     tail = b" " + key
-    headers = tuple(
+    names = tuple(
         name.lower()
-        for name, values in request.requestHeaders.getAllRawHeaders()
+        for name, values in headers.getAllRawHeaders()
         if any(value.strip() == key or value.rstrip().endswith(tail) for value in values)
     )
-    query = request.uri.partition(b"?")[2]
-    names: tuple[str, ...] = ()
-    if query and key in query:
-        text = key.decode("latin-1")
-        names = tuple(
-            dict.fromkeys(
-                name
-                for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-                if value == text
-            )
-        )
-    return SentKey(headers, names)
+    text = key.decode("latin-1")
+    parameters = tuple(
+        dict.fromkeys(name for name, value in _parameters(query) if value.strip() == text)
+    )
+    return SentKey(names, parameters)
 
 
 def without_parameters(query: str, names: tuple[str, ...]) -> str:

@@ -30,7 +30,7 @@ from aiproxy.routing.routes import Instance, Route
 from aiproxy.stream.protocols import detect_protocol
 from aiproxy.upstream.request import ClientError
 
-__all__ = ["Admission", "Refused"]
+__all__ = ["Admission", "Refused", "client_error_body"]
 
 log = Logger()
 
@@ -106,9 +106,11 @@ class Admission:
         if key_auth is None:
             return
         try:
-            self.consumer, self.sent_key = key_auth.authenticate(self._request)
+            # Usually found when the request's head came in.
+            found = getattr(self._request, "authenticated", None)
+            self.consumer, self.sent_key = found or key_auth.authenticate(self._request)
         except KeyRefused as e:
-            body = _client_error(self._route, context.path, 401, e.message)
+            body = client_error_body(self._route, context.path, 401, e.message)
             raise Refused(401, body, [(b"www-authenticate", [CHALLENGE])], e.reason) from None
         context.consumer = self._request.consumer_name = self.consumer.username
 
@@ -293,7 +295,7 @@ class Admission:
                 result.addErrback(_charge_failed, store)
 
 
-def _client_error(route: Route, path: str, status: int, message: str) -> bytes:
+def client_error_body(route: Route, path: str, status: int, message: str) -> bytes:
     """
     An error body before the client's body is read: in the client's
     protocol (guessed from the path) when the route converts it, else
