@@ -147,6 +147,11 @@ class GatewayResource(Resource):
         self._resources.clear()
 
 
+#: Bytes of body read from a request no route serves before its 404 is
+#: sent and the connection closed.
+UNROUTED_BODY_LIMIT = 1024 * 1024
+
+
 class GatewayRequest(Request):
     """
     A request whose route is found as soon as its headers are in (a reload
@@ -198,7 +203,16 @@ class GatewayRequest(Request):
             return
         self._received += len(data)
         if self.matched and self._route is None:
-            # A 404 follows: the body is counted, not kept.
+            # A 404 follows: the body is counted, not kept, and not read
+            # past UNROUTED_BODY_LIMIT.
+            if self._received > UNROUTED_BODY_LIMIT:
+                self._refuse(
+                    getattr(self.channel, "_path", b""),
+                    getattr(self.channel, "_command", b""),
+                    404,
+                    error_body("404 Route Not Found"),
+                    "no_route",
+                )
             return
         if self._route is not None and self._received > self._route.conf["max_req_body_size"]:
             self._refuse_large(
@@ -235,7 +249,6 @@ class GatewayRequest(Request):
         Answer C{status} with the JSON C{body} (and C{header}) at once and
         close the connection; the body is not read.
         """
-        assert self._route is not None
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport
@@ -255,8 +268,8 @@ class GatewayRequest(Request):
                 command,
                 path,
                 status,
-                route.id,
-                route.instance_name,
+                None if route is None else route.id,
+                None if route is None else route.instance_name,
                 reason,
                 self._received,
                 len(body),

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
 from aiproxy.context import RECORD_KEYS
+from aiproxy.server import UNROUTED_BODY_LIMIT
 from aiproxy.upstream.request import too_large_message
 from tests.test_proxy import (
     CHAT,
@@ -377,6 +378,20 @@ class HeaderTimeRoutingTests(SynchronousTestCase):
         self.assertEqual(response.status, 404)
         self.assertEqual(gateway.record["bytes_in"], len(body))
         self.assertFalse(gateway.closed)
+
+    def test_unknown_path_body_not_read_past_limit(self) -> None:
+        """
+        The body of a request no route serves is not read past
+        C{UNROUTED_BODY_LIMIT}: the 404 is sent and the connection closed.
+        """
+        gateway = Gateway(self, make_table())
+        body = b"x" * (UNROUTED_BODY_LIMIT + 10)
+        self.partial(gateway, b"/nowhere", body)
+        response = gateway.response()
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.json(), {"message": "404 Route Not Found"})
+        self.assertTrue(gateway.closed)
+        self.assertEqual(gateway.record["abort_reason"], "no_route")
 
     def test_route_added_during_upload(self) -> None:
         """
