@@ -2,8 +2,11 @@
 """
 C{aiproxy-check PATH}: validate a config without serving it.
 
-Exits 0 when the config is valid, 1 with one C{<json path>: <reason>} line
-per problem (the same messages C{twistd aiproxy} refuses to start with).
+Exits 0 when the config is valid, 1 after a line C{<file>: invalid
+configuration} and one C{<json path>: <reason>} line per problem, on stderr
+(what C{twistd aiproxy} prints when it refuses to start). C{--workers N}
+checks it for that many worker processes, as C{twistd aiproxy --workers N}
+would run it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from aiproxy.config import ConfigError, load_config
+from aiproxy.config import ConfigError, load_config, local_budget_problems
 
 __all__ = ["main"]
 
@@ -28,6 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("path", nargs="?", help="the YAML config file")
     parser.add_argument("-c", "--config", dest="config", help="the YAML config file")
+    parser.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="check it for this many worker processes (twistd aiproxy --workers)",
+    )
     args = parser.parse_args(argv)
     path = args.config or args.path
     if not path:
@@ -35,10 +43,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.internet import reactor
 
     from aiproxy.routing.build import build_routes
+    from aiproxy.tap import MAX_WORKERS, workers_setting
 
+    workers = None
+    if args.workers is not None:
+        try:
+            workers = workers_setting(args.workers)
+        except ValueError:
+            parser.error(
+                f"--workers: {args.workers!r} is neither a number from 1 to {MAX_WORKERS} nor auto"
+            )
     try:
-        build_routes(load_config(path), reactor)
+        config = load_config(path)
+        build_routes(config, reactor)
+        problems = local_budget_problems(config, config.workers if workers is None else workers)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as e:
+        print(f"{path}: invalid configuration", file=sys.stderr)
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 1

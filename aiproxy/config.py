@@ -451,9 +451,6 @@ def _validate(
         client_body_min_rate=document["client_body_min_rate"],
         max_client_connections=document["max_client_connections"],
     )
-    problems_of_workers = local_budget_problems(config, config.workers)
-    if problems_of_workers:
-        raise ConfigError(problems_of_workers)
     return config
 
 

@@ -40,7 +40,7 @@ from aiproxy.routing.routes import RouteTable
 if TYPE_CHECKING:
     from aiproxy.server import GatewaySite
 
-__all__ = ["DrainService", "ReloadService", "SHUTDOWN_REASON"]
+__all__ = ["DrainService", "ReloadService", "SHUTDOWN_REASON", "SignalService"]
 
 log = Logger()
 
@@ -61,6 +61,10 @@ class _SignalHandling:
     reactor thread. A signal the reactor handles itself (C{SIGTERM}) gets
     ours once the reactor runs, after its own, so that ours wins; another
     (C{SIGHUP}, whose default action kills the process) gets it at once.
+    A service added before the listeners installs it already in its
+    privileged start (L{_install_early}): from the moment clients can
+    connect, no signal meets its default action, which ends the process;
+    the work itself waits for the reactor to run.
     """
 
     _signal: int
@@ -80,11 +84,56 @@ class _SignalHandling:
         else:
             install()
 
+    def _install_early(self) -> None:
+        """
+        Install the handler now, even for a signal the reactor handles
+        (L{_install_handler} installs it again after the reactor's).
+        """
+        if self._install_signal:
+            signal.signal(self._signal, self._handler)
+
     def _handler(self, number: int, frame: object) -> None:
         self._reactor.callFromThread(self.on_signal)
 
     def on_signal(self) -> None:
         raise NotImplementedError()
+
+
+class SignalService(_SignalHandling, Service):
+    """
+    Calls a function, on the reactor thread, each time one signal arrives;
+    the handler is installed when the service starts (see
+    L{_SignalHandling}).
+    """
+
+    def __init__(
+        self,
+        number: int,
+        reactor: Any,
+        callback: Callable[[], object],
+        reactor_handles: bool = False,
+    ) -> None:
+        """
+        @param number: the signal.
+        @param reactor_handles: the reactor installs a handler of its own
+            for it (C{SIGTERM}, C{SIGINT}): ours is installed after.
+        """
+        self._signal = number
+        self._reactor = reactor
+        self._callback = callback
+        self._reactor_handles = reactor_handles
+        self._install_signal = True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._install_early()
+
+    def startService(self) -> None:
+        super().startService()
+        self._install_handler()
+
+    def on_signal(self) -> None:
+        self._callback()
 
 
 class ReloadService(_SignalHandling, Service):
@@ -125,6 +174,11 @@ class ReloadService(_SignalHandling, Service):
         self._load = load
         self._build = build
         self.reloads = 0
+
+    def privilegedStartService(self) -> None:
+        # The gateway adds it before its listeners.
+        super().privilegedStartService()
+        self._install_early()
 
     def startService(self) -> None:
         super().startService()
@@ -212,6 +266,11 @@ class DrainService(_SignalHandling, Service):
         self.flush_timeout_s = flush_timeout_s
         self.draining = False
         self._waiting: Deferred[None] | None = None
+
+    def privilegedStartService(self) -> None:
+        # The gateway adds it before its listeners.
+        super().privilegedStartService()
+        self._install_early()
 
     def startService(self) -> None:
         super().startService()

@@ -165,15 +165,18 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        # livesum: with worker processes, the live workers' values summed.
         self.active_streams = Gauge(
             "aiproxy_active_streams",
             "Streamed responses being relayed now.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
             "aiproxy_in_flight_requests",
             "Requests being proxied now (streamed or not).",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.bytes_in = Counter(
             "aiproxy_bytes_in",
@@ -191,6 +194,17 @@ class Metrics:
             "aiproxy_config_reloads",
             "Configuration reloads (SIGHUP), by result (success or failure).",
             ["result"],
+            registry=registry,
+        )
+        self.client_connections = Gauge(
+            "aiproxy_client_connections",
+            "Client connections open now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.client_connections_refused = Counter(
+            "aiproxy_client_connections_refused",
+            "Client connections closed at once because max_client_connections were open.",
             registry=registry,
         )
 
@@ -317,20 +331,24 @@ class MetricsSite(Site):
         """
 
 
-def metrics_site(metrics: Metrics, resource: IResource | None = None) -> MetricsSite:
+def metrics_site(
+    metrics: Metrics | CollectorRegistry, resource: IResource | None = None
+) -> MetricsSite:
     """
-    A site serving C{metrics}' registry at C{/metrics} (and 404 elsewhere)
-    with C{prometheus_client}'s Twisted resource.
+    A site serving C{metrics}' registry (or the registry C{metrics}) at
+    C{/metrics} (and 404 elsewhere) with C{prometheus_client}'s Twisted
+    resource.
 
     @param resource: the resource served at C{/metrics}; by default
-        C{prometheus_client.twisted.MetricsResource} over C{metrics.registry}
+        C{prometheus_client.twisted.MetricsResource} over the registry
         (a WSGI resource run in the reactor's thread pool).
     """
     if resource is None:
         # Imported here: prometheus_client.twisted imports the global reactor.
         from prometheus_client.twisted import MetricsResource
 
-        resource = MetricsResource(metrics.registry)
+        registry = metrics.registry if isinstance(metrics, Metrics) else metrics
+        resource = MetricsResource(registry)
     root = Resource()
     root.putChild(b"metrics", resource)
     return MetricsSite(root)

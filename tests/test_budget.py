@@ -270,19 +270,32 @@ class ConfigProblemsTests(SynchronousTestCase):
         )
 
     def test_local_budget_with_workers(self) -> None:
+        def problems(plugin: dict, workers: Any) -> list[str]:
+            document = {
+                "workers": workers,
+                "routes": [
+                    {
+                        "uri": "/v1/chat/completions",
+                        "plugins": {
+                            "ai-proxy": {"provider": "openai", "auth": {"header": {"a": "b"}}},
+                            "ai-rate-limiting": plugin,
+                        },
+                    }
+                ],
+            }
+            config = parse_config(json.dumps(document), environ={})
+            return local_budget_problems(config, config.workers)
+
         self.assertEqual(
-            problems_of({"limit": 5, "time_window": 1}, workers=2),
+            problems({"limit": 5, "time_window": 1}, 2),
             [
                 f"{self.prefix}.policy: policy local counts per process and 2 worker processes"
                 " would multiply the budget: use policy redis (or redis-cluster), or workers: 1"
             ],
         )
-        self.assertEqual(
-            problems_of(
-                {"limit": 5, "time_window": 1, "policy": "redis", "redis_host": "r1"}, workers=2
-            ),
-            [],
-        )
+        redis = {"limit": 5, "time_window": 1, "policy": "redis", "redis_host": "r1"}
+        self.assertEqual(problems(redis, 2), [])
+        self.assertEqual(problems({"limit": 5, "time_window": 1}, 1), [])
 
     def test_local_budget_problems_of_override(self) -> None:
         config = parse_config(

@@ -101,7 +101,7 @@ class UnitFileTests(SynchronousTestCase):
         """
         reload = values(self.service, "ExecReload")
         self.assertEqual(reload[-1], "/bin/kill -HUP $MAINPID")
-        self.assertIn("aiproxy-check /etc/aiproxy/aiproxy.yaml", reload[0])
+        self.assertIn("aiproxy-check --workers auto /etc/aiproxy/aiproxy.yaml", reload[0])
         self.assertEqual(one(self.service, "KillSignal"), "SIGTERM")
         self.assertGreater(int(one(self.service, "TimeoutStopSec")), 30 + 5)
         self.assertEqual(one(self.service, "Restart"), "on-failure")

@@ -1,15 +1,18 @@
 # -*- test-case-name: tests.test_tap -*-
 """
 Tests for L{aiproxy.tap} (the C{twistd aiproxy} options) and
-L{aiproxy.check} (C{aiproxy-check}): invalid configs are refused with one
-C{<json path>: <reason>} line per problem (docs/operations.md).
+L{aiproxy.check} (C{aiproxy-check}): invalid configs are refused with a
+line naming the file, then one C{<json path>: <reason>} line per problem,
+on stderr and without twistd's usage text (docs/operations.md).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from io import StringIO
 
+from cryptography.hazmat.primitives import serialization
 from twisted.application.internet import StreamServerEndpointService
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -17,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from aiproxy import check
 from aiproxy.config import Config
 from aiproxy.routing.routes import RouteTable
-from aiproxy.tap import DEFAULT_BACKLOG, Options, makeService, with_backlog
+from aiproxy.tap import DEFAULT_BACKLOG, GatewayService, Options, makeService, with_backlog
+from aiproxy.workers.parent import WorkerParent
 
 VALID = """
 listen: "tcp:port=0:interface=127.0.0.1"
@@ -48,6 +52,17 @@ INVALID_PROBLEMS = [
     "routes[0].plugins.ai-proxy.timeout: 0 is less than the minimum of 1",
 ]
 
+#: A token budget counted in the process.
+LOCAL_BUDGET = """
+routes:
+  - uri: /v1/chat/completions
+    plugins:
+      ai-rate-limiting: {limit: 1000, time_window: 60}
+      ai-proxy:
+        provider: openai
+        auth: {header: {Authorization: "Bearer sk-test"}}
+"""
+
 #: Valid for the schema, refused when the routes are built.
 UNSERVED = """
 routes:
@@ -72,7 +87,27 @@ class ConfigFileMixin:
         return path
 
 
-class OptionsTests(SynchronousTestCase, ConfigFileMixin):
+class RefusalMixin:
+    """
+    Captures stderr; runs options that must be refused.
+    """
+
+    def setUp(self) -> None:
+        self.stderr = StringIO()
+        self.patch(sys, "stderr", self.stderr)  # type: ignore[attr-defined]
+
+    def refused(self, args: list[str]) -> list[str]:
+        """
+        Parse C{args}, which must exit 1; the lines printed on stderr.
+        """
+        error = self.assertRaises(  # type: ignore[attr-defined]
+            SystemExit, Options().parseOptions, args
+        )
+        self.assertEqual(error.code, 1)  # type: ignore[attr-defined]
+        return self.stderr.getvalue().splitlines()
+
+
+class OptionsTests(RefusalMixin, SynchronousTestCase, ConfigFileMixin):
     """
     L{Options}: C{--config} (required), C{--listen} (repeatable).
     """
@@ -125,13 +160,13 @@ class OptionsTests(SynchronousTestCase, ConfigFileMixin):
 
     def test_invalid_config(self) -> None:
         """
-        An invalid config is a L{usage.UsageError} listing every problem,
-        one per line, after a line naming the file.
+        An invalid config exits 1 after printing, on stderr, a line naming
+        the file and every problem, one per line, and nothing else (no
+        usage text).
         """
         path = self.config_file(INVALID)
-        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
         self.assertEqual(
-            str(error).splitlines(), [f"invalid configuration {path}:", *INVALID_PROBLEMS]
+            self.refused(["-c", path]), [f"{path}: invalid configuration", *INVALID_PROBLEMS]
         )
 
     def test_unserved_config(self) -> None:
@@ -139,11 +174,10 @@ class OptionsTests(SynchronousTestCase, ConfigFileMixin):
         A config the routes cannot be built from is refused the same way.
         """
         path = self.config_file(UNSERVED)
-        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
         self.assertEqual(
-            str(error).splitlines(),
+            self.refused(["-c", path]),
             [
-                f"invalid configuration {path}:",
+                f"{path}: invalid configuration",
                 "routes[0].plugins.ai-proxy.provider_conf.region: required for provider 'bedrock'",
                 "routes[0].plugins.ai-proxy.auth.aws: required for provider 'bedrock'",
             ],
@@ -154,10 +188,56 @@ class OptionsTests(SynchronousTestCase, ConfigFileMixin):
         A config file that cannot be read is refused, naming it.
         """
         path = self.mktemp()
-        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
-        self.assertIn(
-            f"(root): cannot read {path}: No such file or directory", str(error).splitlines()
+        self.assertEqual(
+            self.refused(["-c", path]),
+            [
+                f"{path}: invalid configuration",
+                f"(root): cannot read {path}: No such file or directory",
+            ],
         )
+
+    def test_not_utf8(self) -> None:
+        """
+        A config file that is not UTF-8 text is refused, naming it.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"routes: []\n# \xff\n")
+        lines = self.refused(["-c", path])
+        self.assertEqual(lines[0], f"{path}: invalid configuration")
+        self.assertTrue(lines[1].startswith(f"(root): cannot read {path}: not UTF-8 text"))
+
+    def test_listen_problem(self) -> None:
+        """
+        A C{--listen} endpoint whose socket systemd did not pass is refused
+        with one line naming the option, without usage text.
+        """
+        self.patch(os, "environ", {})
+        path = self.config_file(VALID)
+        self.assertEqual(
+            self.refused(["-c", path, "--listen", "systemd:domain=INET:index=0"]),
+            [
+                "--listen: cannot listen on 'systemd:domain=INET:index=0': no such socket was "
+                "passed by systemd (LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID must name this "
+                "process; start it through its .socket unit)"
+            ],
+        )
+
+    def test_config_listen_problem(self) -> None:
+        """
+        The same problem in the config's C{listen} names the file and the
+        config's key.
+        """
+        self.patch(os, "environ", {})
+        path = self.config_file(
+            VALID.replace("tcp:port=0:interface=127.0.0.1", "systemd:domain=INET:index=0")
+        )
+        lines = self.refused(["-c", path])
+        self.assertEqual(lines[0], f"{path}: invalid configuration")
+        self.assertTrue(
+            lines[1].startswith("listen: cannot listen on 'systemd:domain=INET:index=0'")
+        )
+        self.assertEqual(len(lines), 2)
 
     def test_listen_overrides_config(self) -> None:
         """
@@ -175,6 +255,119 @@ class OptionsTests(SynchronousTestCase, ConfigFileMixin):
         options.parseOptions(["-c", self.config_file(VALID)])
         service = makeService(options)
         self.assertEqual(len([s for s in service if isinstance(s, StreamServerEndpointService)]), 1)
+
+
+class WorkersOptionTests(RefusalMixin, SynchronousTestCase, ConfigFileMixin):
+    """
+    C{--workers N|auto} overrides the config's C{workers}; more than one
+    makes the service the parent of worker processes.
+    """
+
+    def test_default(self) -> None:
+        """
+        Without C{--workers} or C{workers}, one process serves: the service
+        is the gateway itself.
+        """
+        options = Options()
+        options.parseOptions(["-c", self.config_file(VALID)])
+        self.assertIsNone(options["workers"])
+        self.assertEqual(options["worker_count"], 1)
+        self.assertIsInstance(makeService(options), GatewayService)
+
+    def test_config(self) -> None:
+        """
+        The config's C{workers} counts when C{--workers} is not given.
+        """
+        options = Options()
+        options.parseOptions(["-c", self.config_file(VALID + "workers: 3\n")])
+        self.assertEqual(options["worker_count"], 3)
+
+    def test_override(self) -> None:
+        """
+        C{--workers} overrides the config's C{workers}; C{auto} is the
+        number of cores the process may run on.
+        """
+        path = self.config_file(VALID + "workers: 3\n")
+        options = Options()
+        options.parseOptions(["-c", path, "--workers", "1"])
+        self.assertEqual((options["workers"], options["worker_count"]), (1, 1))
+        self.patch(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+        options = Options()
+        options.parseOptions(["-c", path, "--workers", "auto"])
+        self.assertEqual((options["workers"], options["worker_count"]), ("auto", 5))
+
+    def test_parent(self) -> None:
+        """
+        With more than one worker, the service is the parent of the
+        workers: it listens on the same endpoints, serves nothing itself,
+        and runs that many workers.
+        """
+        options = Options()
+        options.parseOptions(["-c", self.config_file(VALID), "--workers", "2"])
+        service = makeService(options)
+        self.assertIsInstance(service, WorkerParent)
+        assert isinstance(service, WorkerParent)
+        self.assertEqual(service.pool.count, 2)
+        self.assertEqual(
+            [listener.endpoint for listener in service.listeners],
+            [with_backlog("tcp:port=0:interface=127.0.0.1")],
+        )
+
+    def test_invalid(self) -> None:
+        """
+        A C{--workers} value that is not a number from 1 to 256 nor
+        C{auto} is refused with one line.
+        """
+        path = self.config_file(VALID)
+        for value in ("0", "257", "many"):
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            self.assertEqual(
+                self.refused(["-c", path, "--workers", value]),
+                [f"--workers: {value!r} is neither a number from 1 to 256 nor auto"],
+            )
+
+    def test_local_budget(self) -> None:
+        """
+        C{--workers} goes through the config's check of token budgets
+        counted in the process: more than one worker refuses them.
+        """
+        path = self.config_file(LOCAL_BUDGET)
+        Options().parseOptions(["-c", path, "--workers", "1"])
+        lines = self.refused(["-c", path, "--workers", "2"])
+        self.assertEqual(lines[0], f"{path}: invalid configuration")
+        self.assertEqual(len(lines), 2)
+        self.assertTrue(
+            lines[1].startswith("routes[0].plugins.ai-rate-limiting.policy: policy local"), lines
+        )
+
+    def test_unshared_endpoint(self) -> None:
+        """
+        Workers share only TCP, UNIX and systemd sockets: a TLS listener is
+        refused with them (and accepted without).
+        """
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from tests.helpers import certificate, key_pem
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key_pem(key) + certificate(key, "localhost", key, "localhost", ca=False).public_bytes(
+            serialization.Encoding.PEM
+        )
+        key_path = self.mktemp()
+        with open(key_path, "wb") as f:
+            f.write(pem)
+        endpoint = f"ssl:0:interface=127.0.0.1:privateKey={key_path}"
+        path = self.config_file(VALID)
+        Options().parseOptions(["-c", path, "--listen", endpoint])
+        self.assertEqual(
+            self.refused(["-c", path, "--workers", "2", "--listen", endpoint]),
+            [
+                f"--listen: cannot share {endpoint!r} with worker processes: only tcp, tcp6, "
+                "unix and systemd endpoints can be (terminate TLS in front of aiproxy, or run "
+                "workers: 1)"
+            ],
+        )
 
 
 class BacklogTests(SynchronousTestCase):
@@ -225,21 +418,27 @@ class CheckTests(SynchronousTestCase, ConfigFileMixin):
 
     def test_invalid(self) -> None:
         """
-        An invalid config exits 1 with exactly one line per problem on
-        stderr.
+        An invalid config exits 1 with a line naming the file and exactly
+        one line per problem on stderr, as C{twistd aiproxy} prints them.
         """
-        self.assertEqual(check.main([self.config_file(INVALID)]), 1)
-        self.assertEqual(self.stderr.getvalue().splitlines(), INVALID_PROBLEMS)
+        path = self.config_file(INVALID)
+        self.assertEqual(check.main([path]), 1)
+        self.assertEqual(
+            self.stderr.getvalue().splitlines(),
+            [f"{path}: invalid configuration", *INVALID_PROBLEMS],
+        )
         self.assertEqual(self.stdout.getvalue(), "")
 
     def test_unserved(self) -> None:
         """
         Problems found when building the routes are reported too.
         """
-        self.assertEqual(check.main(["--config", self.config_file(UNSERVED)]), 1)
+        path = self.config_file(UNSERVED)
+        self.assertEqual(check.main(["--config", path]), 1)
         self.assertEqual(
             self.stderr.getvalue().splitlines(),
             [
+                f"{path}: invalid configuration",
                 "routes[0].plugins.ai-proxy.provider_conf.region: required for provider 'bedrock'",
                 "routes[0].plugins.ai-proxy.auth.aws: required for provider 'bedrock'",
             ],
@@ -261,8 +460,25 @@ class CheckTests(SynchronousTestCase, ConfigFileMixin):
         self.assertEqual(check.main([path]), 1)
         self.assertEqual(
             self.stderr.getvalue().splitlines(),
-            [f"(root): cannot read {path}: No such file or directory"],
+            [
+                f"{path}: invalid configuration",
+                f"(root): cannot read {path}: No such file or directory",
+            ],
         )
+
+    def test_workers(self) -> None:
+        """
+        C{--workers N} checks the config for N worker processes, as
+        C{twistd aiproxy --workers N} would run it.
+        """
+        path = self.config_file(LOCAL_BUDGET)
+        self.assertEqual(check.main([path, "--workers", "1"]), 0)
+        self.assertEqual(check.main([path, "--workers", "2"]), 1)
+        lines = self.stderr.getvalue().splitlines()
+        self.assertEqual(lines[0], f"{path}: invalid configuration")
+        self.assertTrue(lines[1].startswith("routes[0].plugins.ai-rate-limiting.policy:"))
+        error = self.assertRaises(SystemExit, check.main, [path, "--workers", "none"])
+        self.assertEqual(error.code, 2)
 
     def test_no_file(self) -> None:
         """
