@@ -55,9 +55,9 @@ FLUSH_TIMEOUT_S = 5.0
 _POLL_S = 0.05
 
 
-class _SignalHandling:
+class _SignalHandling(Service):
     """
-    Mixin: install a handler for one signal, calling C{on_signal} on the
+    A service that installs a handler for one signal, calling C{on_signal} on the
     reactor thread. A signal the reactor handles itself (C{SIGTERM}) gets
     ours once the reactor runs, after its own, so that ours wins; another
     (C{SIGHUP}, whose default action kills the process) gets it at once.
@@ -71,6 +71,15 @@ class _SignalHandling:
     _reactor: Any
     _install_signal: bool
     _reactor_handles: bool = False
+
+    def privilegedStartService(self) -> None:
+        # Signal services are added before the listeners.
+        super().privilegedStartService()
+        self._install_early()
+
+    def startService(self) -> None:
+        super().startService()
+        self._install_handler()
 
     def _install_handler(self) -> None:
         if not self._install_signal:
@@ -99,7 +108,7 @@ class _SignalHandling:
         raise NotImplementedError()
 
 
-class SignalService(_SignalHandling, Service):
+class SignalService(_SignalHandling):
     """
     Calls a function, on the reactor thread, each time one signal arrives;
     the handler is installed when the service starts (see
@@ -124,19 +133,11 @@ class SignalService(_SignalHandling, Service):
         self._reactor_handles = reactor_handles
         self._install_signal = True
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._install_early()
-
-    def startService(self) -> None:
-        super().startService()
-        self._install_handler()
-
     def on_signal(self) -> None:
         self._callback()
 
 
-class ReloadService(_SignalHandling, Service):
+class ReloadService(_SignalHandling):
     """
     Reloads the config on C{SIGHUP} (or L{reload}).
 
@@ -174,15 +175,6 @@ class ReloadService(_SignalHandling, Service):
         self._load = load
         self._build = build
         self.reloads = 0
-
-    def privilegedStartService(self) -> None:
-        # The gateway adds it before its listeners.
-        super().privilegedStartService()
-        self._install_early()
-
-    def startService(self) -> None:
-        super().startService()
-        self._install_handler()
 
     def on_signal(self) -> None:
         log.info("SIGHUP: reloading {path}", path=self.path)
@@ -229,7 +221,7 @@ class ReloadService(_SignalHandling, Service):
         return True
 
 
-class DrainService(_SignalHandling, Service):
+class DrainService(_SignalHandling):
     """
     On stop: stop taking new work, let requests in flight finish for up to
     C{grace_s}, abort the rest, and wait for the clients' connections to
@@ -266,15 +258,6 @@ class DrainService(_SignalHandling, Service):
         self.flush_timeout_s = flush_timeout_s
         self.draining = False
         self._waiting: Deferred[None] | None = None
-
-    def privilegedStartService(self) -> None:
-        # The gateway adds it before its listeners.
-        super().privilegedStartService()
-        self._install_early()
-
-    def startService(self) -> None:
-        super().startService()
-        self._install_handler()
 
     def on_signal(self) -> None:
         """
