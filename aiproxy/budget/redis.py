@@ -29,11 +29,11 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txredisapi import ConnectionError as RedisConnectionError
-from txredisapi import RedisProtocol, ResponseError
+from txredisapi import ResponseError
 from zope.interface import implementer
 
 from aiproxy.budget.store import StoreUnavailable
+from aiproxy.budget.wire import Command, RedisWire
 from aiproxy.interfaces import ICounterStore
 from aiproxy.upstream.client import tls_policy
 
@@ -66,8 +66,6 @@ _SCRIPTS = {_CHARGE_SHA: CHARGE_SCRIPT}
 #: Seconds before reconnecting: the first delay, doubled up to the last.
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 2.0
-
-Command = tuple[Any, ...]
 
 
 def charge_command(charges: Sequence[tuple[str, int, int]]) -> Command:
@@ -118,33 +116,11 @@ class ConnectionState(Enum):
     CLOSED = "closed"
 
 
-class _Protocol(RedisProtocol):  # type: ignore[misc]
-    """C{txredisapi}'s protocol, telling its L{RedisConnection} when it is gone."""
-
-    def __init__(self, owner: RedisConnection) -> None:
-        super().__init__(charset="utf-8", convertNumbers=False)
-        self.factory = owner
-        self.lost_reason: Failure | None = None
-        self.gone: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> Any:  # noqa: N802
-        self.factory._live.add(self)
-        return super().connectionMade()
-
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
-        self.lost_reason = reason
-        self.factory._lost(self)
-        try:
-            super().connectionLost(reason)
-        finally:
-            self.gone.callback(None)
-
-
 @dataclass(eq=False)
 class _Request:
     commands: Sequence[Command]
     timer: Any = None
-    protocol: _Protocol | None = None
+    protocol: RedisWire | None = None
     result: Deferred[list[Any]] = field(default_factory=Deferred)
 
 
@@ -183,9 +159,9 @@ class RedisConnection(Factory):
         self._timeout_ms = timeout_ms
         self._timeout = timeout_ms / 1000
         self.state, self._cause = ConnectionState.CONNECTING, ""
-        self._protocol: _Protocol | None = None
+        self._protocol: RedisWire | None = None
         self._waiting: list[_Request] = []
-        self._live: set[_Protocol] = set()
+        self._live: set[RedisWire] = set()
         self._attempts = 0
         self._attempt: Deferred[None] | None = None
         self._retry: Any = None
@@ -196,8 +172,8 @@ class RedisConnection(Factory):
         self._endpoint = endpoint
         self._connect()
 
-    def buildProtocol(self, addr: Any) -> _Protocol:  # noqa: N802
-        return _Protocol(self)
+    def buildProtocol(self, addr: Any) -> RedisWire:  # noqa: N802
+        return RedisWire(self)
 
     def pipeline(self, commands: Sequence[Command]) -> Deferred[list[Any]]:
         """
@@ -235,40 +211,42 @@ class RedisConnection(Factory):
             protocol.transport.abortConnection()
         return defer.gatherResults([p.gone for p in self._live]).addCallback(lambda _: None)
 
-    def _send(self, request: _Request, protocol: _Protocol) -> None:
+    def _send(self, request: _Request, protocol: RedisWire) -> None:
         request.protocol = protocol
-        exchange = Deferred.fromCoroutine(self._exchange(protocol, request.commands))
-        exchange.addBoth(self._finish, request)
+        commands = request.commands
+        protocol.send(commands, lambda replies: self._replied(replies, request, protocol))
 
-    async def _exchange(self, protocol: _Protocol, commands: Sequence[Command]) -> list[Any]:
-        replies = await self._round_trip(protocol, commands)
-        noscript = [str(reply).startswith("NOSCRIPT") for reply in replies]
-        missing = [i for i, c in enumerate(commands) if c[0] == "EVALSHA" and noscript[i]]
-        if missing:
-            again: list[Command] = []
-            for i in missing:  # the script in full, after the ASKING before it if any
-                again += [("ASKING",)] if i and commands[i - 1] == ("ASKING",) else []
-                again.append(("EVAL", _SCRIPTS[commands[i][1]], *commands[i][2:]))
-            answers = zip(again, await self._round_trip(protocol, again), strict=True)
-            evals = [reply for command, reply in answers if command[0] == "EVAL"]
-            for i, reply in zip(missing, evals, strict=True):
-                replies[i] = reply
-        return replies
+    def _replied(self, replies: Any, request: _Request, protocol: RedisWire) -> None:
+        """
+        A request's replies (or the failure that lost them) came: done,
+        unless a script was not cached (then it is sent in full).
+        """
+        commands = request.commands
+        missing = []
+        if isinstance(replies, list):
+            missing = [
+                i
+                for i, command in enumerate(commands)
+                if command[0] == "EVALSHA" and str(replies[i]).startswith("NOSCRIPT")
+            ]
+        if not missing or request.result.called:
+            self._finish(replies, request)
+            return
+        again: list[Command] = []
+        for i in missing:  # the script in full, after the ASKING before it if any
+            again += [("ASKING",)] if i and commands[i - 1] == ("ASKING",) else []
+            again.append(("EVAL", _SCRIPTS[commands[i][1]], *commands[i][2:]))
 
-    async def _round_trip(self, protocol: _Protocol, commands: Sequence[Command]) -> list[Any]:
-        try:
-            sent = [protocol.execute_command(*command) for command in commands]
-        except RedisConnectionError:
-            raise StoreUnavailable(f"{self.label} connection lost") from None
-        replies = []
-        for ok, value in await defer.DeferredList(sent, consumeErrors=True):
-            if ok:
-                replies.append(value)
-            elif value.check(ResponseError):
-                replies.append(value.value)
-            else:
-                raise StoreUnavailable(f"{self.label} connection lost")
-        return replies
+        def retried(answers: Any) -> None:
+            if isinstance(answers, list):
+                pairs = zip(again, answers, strict=True)
+                evals = [reply for command, reply in pairs if command[0] == "EVAL"]
+                for i, reply in zip(missing, evals, strict=True):
+                    replies[i] = reply
+                answers = replies
+            self._finish(answers, request)
+
+        protocol.send(again, retried)
 
     def _finish(self, outcome: Any, request: _Request) -> None:
         if request.timer.active():
@@ -329,8 +307,10 @@ class RedisConnection(Factory):
         for request in waiting:
             self._send(request, protocol)
 
-    async def _handshake(self, protocol: _Protocol) -> None:
-        for reply in await self._round_trip(protocol, self._greeting):
+    async def _handshake(self, protocol: RedisWire) -> None:
+        answered: Deferred[list[Any]] = Deferred()
+        protocol.send(self._greeting, answered.callback)
+        for reply in await answered:
             if isinstance(reply, ResponseError):
                 raise reply
 
@@ -351,7 +331,7 @@ class RedisConnection(Factory):
         self._attempts += 1
         self._retry = self._reactor.callLater(_retry_delay(self._attempts), self._connect)
 
-    def _lost(self, protocol: _Protocol) -> None:
+    def _lost(self, protocol: RedisWire) -> None:
         self._live.discard(protocol)
         if protocol is not self._protocol:
             return

@@ -181,8 +181,11 @@ class Admission:
         if not pending:
             self._judge()
             return None
-        d = gatherResults(pending, consumeErrors=True)
-        d.addErrback(lambda failure: failure.value.subFailure)
+        if len(pending) == 1:
+            d = pending[0]
+        else:
+            d = gatherResults(pending, consumeErrors=True)
+            d.addErrback(lambda failure: failure.value.subFailure)
         return d.addCallback(lambda _: self._judge())
 
     def _read(self, spent: list[int], tabs: list[_Tab]) -> None:
