@@ -317,3 +317,26 @@ class ConfigProblemsTests(SynchronousTestCase):
         self.assertEqual(local_budget_problems(config, 1), [])
         self.assertEqual(len(local_budget_problems(config, 3)), 1)
         self.assertTrue(local_budget_problems(config, 3)[0].startswith("consumers[0].plugins."))
+
+
+class ExampleConfigTests(SynchronousTestCase):
+    def test_team_config(self) -> None:
+        """
+        conf/aiproxy-team.yaml is valid, and its budgets count in Redis.
+        """
+        from pathlib import Path
+
+        from aiproxy.config import load_config
+        from aiproxy.routing.build import build_routes
+
+        path = Path(__file__).resolve().parent.parent / "conf" / "aiproxy-team.yaml"
+        environ = {"ALICE_KEY": "a" * 20, "BOB_KEY": "b" * 20, "OPENAI_API_KEY": "sk-x"}
+        config = load_config(str(path), environ=environ)
+        stores = CounterStores(Clock())
+        shared = LocalCounters(Clock().seconds)
+        stores.store = lambda conf: shared  # type: ignore[method-assign]
+        table = build_routes(config, Clock(), plugins={}, stores=stores)
+        route = table.routes[0]
+        self.assertIsNotNone(route.key_auth)
+        self.assertEqual(route.budget.conf["policy"], "redis")
+        self.assertEqual([c.username for c in config.consumers], ["alice", "bob"])
