@@ -15,7 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from aiproxy.config import ConfigError, load_config, local_budget_problems
+from aiproxy.config import ConfigError, load_config
+from aiproxy.workers.sizing import local_budget_problems
 
 __all__ = ["main"]
 

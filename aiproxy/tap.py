@@ -21,7 +21,7 @@ from twisted.python.reflect import fullyQualifiedName
 
 from aiproxy import __version__
 from aiproxy.budget.stores import process_stores
-from aiproxy.config import Config, ConfigError, local_budget_problems, worker_count
+from aiproxy.config import Config, ConfigError
 from aiproxy.lifecycle import DrainService, ReloadService
 from aiproxy.logs import text_observer
 from aiproxy.monitor import ExchangeMonitor
@@ -29,6 +29,7 @@ from aiproxy.routing.build import build_routes
 from aiproxy.routing.health import HealthService
 from aiproxy.routing.routes import RouteTable
 from aiproxy.server import GatewayResource, GatewaySite
+from aiproxy.workers.sizing import local_budget_problems, worker_count
 
 __all__ = [
     "DEFAULT_BACKLOG",

@@ -17,8 +17,9 @@ from aiproxy.budget.cost import CostExpressionError, compile_cost
 from aiproxy.budget.limits import Budget, Quota, budget_problems, rule_value
 from aiproxy.budget.store import LocalCounters
 from aiproxy.budget.stores import CounterStores
-from aiproxy.config import ConfigError, local_budget_problems, parse_config
+from aiproxy.config import ConfigError, parse_config
 from aiproxy.context import ExchangeContext
+from aiproxy.workers.sizing import local_budget_problems
 
 
 class CostExpressionTests(SynchronousTestCase):

@@ -34,11 +34,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver, Logger
 
-from aiproxy.config import Config, ConfigError, local_budget_problems
+from aiproxy.config import Config, ConfigError
 from aiproxy.lifecycle import FLUSH_TIMEOUT_S, SignalService
 from aiproxy.routing.build import build_routes
 from aiproxy.workers.listeners import SharedListener
 from aiproxy.workers.pool import Launch, WorkerPool
+from aiproxy.workers.sizing import local_budget_problems
 from aiproxy.workers.snapshot import RunDirectory, read_config
 
 if TYPE_CHECKING:
