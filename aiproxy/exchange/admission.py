@@ -36,6 +36,9 @@ log = Logger()
 
 Headers = list[tuple[bytes, list[bytes]]]
 
+#: No instance.
+_NONE: frozenset[str] = frozenset()
+
 
 class Refused(ClientError):
     """
@@ -91,7 +94,7 @@ class Admission:
         self.consumer: Consumer | None = None
         self.sent_key: SentKey | None = None
         self._tabs: list[_Tab] = []
-        self.exhausted: frozenset[str] = frozenset()
+        self.exhausted: frozenset[str] = _NONE
         self._degraded = False
 
     def authenticate(self, context: Any) -> None:

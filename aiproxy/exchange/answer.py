@@ -42,6 +42,12 @@ Headers = list[tuple[bytes, list[bytes]]]
 _UNASKED: Any = object()
 
 
+def _over(outcome: Outcome) -> None:
+    """
+    How a relay of a request that is over ended: nothing to do.
+    """
+
+
 def relayed_head(response: Any, converted: bool) -> tuple[Headers, bytes | None]:
     """
     The headers of an upstream response that the client gets, and its
@@ -102,6 +108,13 @@ class Relays:
         self._stages: Sequence[IStreamStage] | None = None
         self._stream_started = stream_started
         self._observe_gap: Callable[[float], None] | None = _UNASKED
+
+    def let_go(self) -> None:
+        """
+        The request is over: drop the callbacks into it.
+        """
+        self._on_end = _over
+        self._stream_started = lambda: None
 
     def stages(self) -> Sequence[IStreamStage]:
         """

@@ -26,6 +26,16 @@ ATTEMPT_TIMERS = ("read", "idle", "first_token", "commit")
 Expired = Callable[[str, int, str], object]
 
 
+def _expired_after_the_end(reason: str, status: int, message: str) -> None:
+    """
+    A limit of a request that is over: nothing to do.
+    """
+
+
+def _not_paused() -> bool:
+    return False
+
+
 class Deadlines:
     """
     Named one-shot timers and the upstream activity they measure.
@@ -122,12 +132,14 @@ class Deadlines:
         interval = self._conf.get("keepalive_comment_interval_ms")
         if interval is None:
             return
+        self.arm("keepalive", interval / 1000.0, self._keepalive_tick, keepalive, interval / 1000.0)
 
-        def tick() -> None:
-            keepalive()
-            self.arm("keepalive", interval / 1000.0, tick)
-
-        self.arm("keepalive", interval / 1000.0, tick)
+    def _keepalive_tick(self, keepalive: Callable[[], object], interval: float) -> None:
+        """
+        Send a keep-alive comment, and the next one an interval later.
+        """
+        keepalive()
+        self.arm("keepalive", interval, self._keepalive_tick, keepalive, interval)
 
     def arm_reads(self, stream: bool) -> None:
         """
@@ -160,14 +172,14 @@ class Deadlines:
         """
         self.last_chunk = self.last_data = self._clock.seconds()
 
-    def arm(self, name: str, delay: float, call: Callable[[], object]) -> None:
+    def arm(self, name: str, delay: float, call: Callable[..., object], *args: Any) -> None:
         """
-        (Re)start the timer C{name}: C{call} in C{delay} seconds.
+        (Re)start the timer C{name}: C{call(*args)} in C{delay} seconds.
         """
         timer = self._timers.get(name)
         if timer is not None and timer.active():
             timer.cancel()
-        self._timers[name] = self._clock.callLater(delay, call)
+        self._timers[name] = self._clock.callLater(delay, call, *args)
 
     def arm_once(self, name: str, delay: float, call: Callable[[], object]) -> None:
         """
@@ -207,6 +219,15 @@ class Deadlines:
                 timer.cancel()
         self._timers.clear()
 
+    def let_go(self) -> None:
+        """
+        The request is over: stop every timer and drop the callbacks into
+        it.
+        """
+        self.cancel_all()
+        self._paused = _not_paused
+        self._attempt_expired = self._request_expired = _expired_after_the_end
+
     def arm_silence(
         self, name: str, timeout_ms: int, since: Callable[[], float], expired: Callable[[], object]
     ) -> None:
@@ -215,16 +236,24 @@ class Deadlines:
         C{timeout_ms} since C{since()}, not counting time paused.
         """
         timeout = timeout_ms / 1000.0
-        clock = self._clock
+        self.arm(name, timeout, self._check_silence, name, timeout, since, expired)
 
-        def check() -> None:
-            if self._paused():
-                self.arm(name, timeout, check)
-                return
-            quiet = clock.seconds() - since()
-            if quiet < timeout:
-                self.arm(name, timeout - quiet, check)
-                return
-            expired()
-
-        self.arm(name, timeout, check)
+    def _check_silence(
+        self,
+        name: str,
+        timeout: float,
+        since: Callable[[], float],
+        expired: Callable[[], object],
+    ) -> None:
+        """
+        A silence timer is due: re-arm it while paused or when there was
+        activity since, else it expired.
+        """
+        if self._paused():
+            self.arm(name, timeout, self._check_silence, name, timeout, since, expired)
+            return
+        quiet = self._clock.seconds() - since()
+        if quiet < timeout:
+            self.arm(name, timeout - quiet, self._check_silence, name, timeout, since, expired)
+            return
+        expired()

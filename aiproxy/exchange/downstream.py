@@ -23,6 +23,7 @@ from zope.interface import implementer
 from aiproxy.context import ExchangeContext
 from aiproxy.exchange.writer import ImmediateWriter, IntervalWriter, make_writer
 from aiproxy.interfaces import IDownstream
+from aiproxy.tcp import batch, send_eagerly
 
 __all__ = ["CLOSE_GRACE_S", "Downstream"]
 
@@ -88,6 +89,10 @@ class Downstream:
         self.extra_headers: Headers = ()
         self._pacer: _Pacer | None = None
         self.writer: ImmediateWriter | IntervalWriter | None = None
+        channel = getattr(request, "channel", None)
+        if channel is not None:
+            # The first token goes out in the turn it arrives in.
+            send_eagerly(channel.transport)
 
     # -- the head ---------------------------------------------------------
 
@@ -112,6 +117,8 @@ class Downstream:
             request.responseHeaders.setRawHeaders(name, values)
         for name, values in self.extra_headers:
             request.responseHeaders.setRawHeaders(name, values)
+        # The request holds them now (a stream may last long).
+        self._headers = self.extra_headers = ()
         self._context.status = self._status
         self._context.output_started = True
 
@@ -122,11 +129,15 @@ class Downstream:
         One C{request.write} (one HTTP chunk), the head first if not sent.
         """
         context = self._context
-        if not context.output_started:
-            self._commit()
         context.bytes_out += len(data)
         context.flushes += 1
-        self._request.write(data)
+        if context.output_started:
+            self._request.write(data)
+            return
+        self._commit()
+        # The head and the first bytes in one packet.
+        with batch():
+            self._request.write(data)
 
     def start_stream(self, interval_ms: int) -> Callable[[bytes], None]:
         """
@@ -148,8 +159,9 @@ class Downstream:
             self.writer = None
 
     def _flush(self) -> None:
-        if self.writer is not None:
-            self.writer.stop()
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.stop()
 
     def keepalive(self) -> None:
         """
@@ -168,9 +180,10 @@ class Downstream:
         """
         self._commit()
         self._request.setHeader(b"content-length", b"%d" % len(body))
-        if body:
-            self.send(body)
-        self.finish()
+        with batch():
+            if body:
+                self.send(body)
+            self.finish()
 
     def finish(self, tail: bytes = b"") -> None:
         """

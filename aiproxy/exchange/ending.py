@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from aiproxy.context import ExchangeContext
 from aiproxy.exchange.admission import Admission
+from aiproxy.exchange.answer import Relays
 from aiproxy.exchange.deadlines import Deadlines
 from aiproxy.exchange.downstream import Downstream
 from aiproxy.exchange.errors import error_body
@@ -49,6 +50,7 @@ class ExchangeEnding:
     downstream: Downstream
     failover: Failover
     admission: Admission
+    relays: Relays
     _upstream_d: Any
     _relay: IRelay | None
     _converter: IConverter | None
@@ -179,3 +181,15 @@ class ExchangeEnding:
         self.admission.charge(context)
         if self.monitor is not None:
             self.monitor.exchange_ended(self, record, self.timings)  # type: ignore[arg-type]
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """
+        Nothing of the exchange runs any more: its parts let go of the
+        callbacks into it, so that it is freed as soon as the last event
+        of its request is handled, not by the garbage collector (which
+        runs more often the more such cycles there are).
+        """
+        self.deadlines.let_go()
+        self.relays.let_go()
+        self._relay = None

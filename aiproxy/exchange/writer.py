@@ -3,10 +3,12 @@
 The two flush modes of C{streaming_flush_interval_ms}.
 
 On a Twisted transport "flushing" means handing bytes to
-C{request.write()}: each call becomes one HTTP chunk, and the transport
-sends what it was given on the reactor's next write pass. There is no
-separate flush call, so the modes differ in how many writes (HTTP chunks,
-usually C{send()} calls) a burst of upstream chunks becomes:
+C{request.write()}: each call becomes one HTTP chunk, and a TCP client
+connection (eager, L{aiproxy.tcp.send_eagerly}) sends what the upstream
+read being handled wrote to it in one C{send()} once that read was
+handled. There is no separate flush call, so the modes differ in how many
+writes (HTTP chunks) a burst of upstream chunks becomes, and how many
+C{send()} calls when the burst spans several reads:
 
   - C{0} (L{ImmediateWriter}): each upstream chunk is written at once, one
     write per chunk;
@@ -61,24 +63,30 @@ class IntervalWriter:
     Coalesce chunks and write them every C{interval} seconds.
     """
 
-    __slots__ = ("_sink", "_interval", "_pending", "_size", "_loop")
+    __slots__ = ("_sink", "_clock", "_interval", "_pending", "_size", "_loop")
 
     def __init__(self, sink: Callable[[bytes], None], clock: IReactorTime, interval: float) -> None:
         self._sink = sink
+        self._clock = clock
         self._interval = interval
         self._pending: list[bytes] = []
         self._size = 0
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = clock
+        #: The ticks while something may be pending (made when first needed,
+        #: dropped when stopped: it and the writer refer to each other).
+        self._loop: LoopingCall | None = None
 
     def write(self, data: bytes) -> None:
         """
         Write C{data} now if nothing was written within the interval, else
         queue it for the next tick.
         """
-        if not self._loop.running:
+        loop = self._loop
+        if loop is None or not loop.running:
             self._sink(data)
-            self._loop.start(self._interval, now=False)
+            if loop is None:
+                loop = self._loop = LoopingCall(self._tick)
+                loop.clock = self._clock
+            loop.start(self._interval, now=False)
             return
         self._pending.append(data)
         self._size += len(data)
@@ -91,7 +99,7 @@ class IntervalWriter:
         """
         if self._pending:
             self.flush()
-        else:
+        elif self._loop is not None:
             self._loop.stop()
 
     def flush(self) -> None:
@@ -117,8 +125,9 @@ class IntervalWriter:
         """
         self._pending = []
         self._size = 0
-        if self._loop.running:
-            self._loop.stop()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
 
 
 def make_writer(

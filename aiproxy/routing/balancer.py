@@ -31,6 +31,7 @@ import re
 import socket
 import zlib
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Generic, Protocol, TypeVar
@@ -59,6 +60,9 @@ class _Balanced(Protocol):
 
 
 T = TypeVar("T", bound=_Balanced)
+
+#: No instance (the unhealthy ones of a request that skips none).
+_NONE: frozenset[int] = frozenset()
 
 #: Ring points per instance of a level, on average.
 _POINTS = 160
@@ -171,7 +175,10 @@ class Balancer(Generic[T]):
         a retry, from where the previous pick on this level stopped).
         """
         ring = level.ring
-        start = selection._ring_position.get(level.priority)
+        positions = selection._ring_position
+        if positions is None:
+            positions = selection._ring_position = {}
+        start = positions.get(level.priority)
         if start is None:
             if selection._hash is None:
                 selection._hash = _ring_hash(selection._key() if selection._key else "")
@@ -181,7 +188,7 @@ class Balancer(Generic[T]):
             position = (start + step) % len(ring)
             member = level.members[ring[position][1]]
             if id(member) in allowed:
-                selection._ring_position[level.priority] = position
+                positions[level.priority] = position
                 return member
         # Unreachable: every member has at least one point.
         return candidates[0]
@@ -207,14 +214,16 @@ class Selection(Generic[T]):
         self._usable = usable
         self._key = key
         self._hash: int | None = None
-        self._ring_position: dict[int, int] = {}
+        #: Where the previous hashed pick stopped, by priority (made on
+        #: first use: a single instance's request never needs it).
+        self._ring_position: dict[int, int] | None = None
         self.tried: list[T] = []
         instances = balancer.instances
+        self._unhealthy: AbstractSet[int] = _NONE
         if len(instances) > 1:
             unhealthy = {id(i) for i in instances if not i.healthy}
-            self._unhealthy = unhealthy if len(unhealthy) < len(instances) else set()
-        else:
-            self._unhealthy = set()
+            if len(unhealthy) < len(instances):
+                self._unhealthy = unhealthy
         self._level = 0
 
     @property
