@@ -130,7 +130,7 @@ class _Eager(Connection):
 
     def write(self, data: bytes) -> None:
         held = self._held
-        if held is not None and data.__class__ is bytes:
+        if held is not None and isinstance(data, bytes):
             held.append(data)
         elif data.__class__ is bytes and data and _idle(self):
             if _BATCH.depth:

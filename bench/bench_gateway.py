@@ -45,7 +45,7 @@ from aiproxy.logs import text_observer  # noqa: E402
 from aiproxy.monitor import ExchangeMonitor  # noqa: E402
 from aiproxy.routing.build import build_routes  # noqa: E402
 from aiproxy.server import GatewayResource, GatewaySite  # noqa: E402
-from aiproxy.upstream import client  # noqa: E402
+from aiproxy.upstream import agent  # noqa: E402
 
 __all__ = ["Gateway", "main"]
 
@@ -125,7 +125,7 @@ class Gateway:
     def __init__(self, flush_ms: int, events: int) -> None:
         config = parse_config(CONFIG % flush_ms)
         self.upstreams: list[tuple[Any, _Transport]] = []
-        client._EndpointCache.endpointForURI = lambda cache, uri: self  # type: ignore[method-assign,assignment]
+        agent.EndpointCache.endpointForURI = lambda cache, uri: self  # type: ignore[method-assign,assignment]
         site = GatewaySite(
             GatewayResource(build_routes(config, reactor), reactor, ExchangeMonitor(reactor)),
             reactor=reactor,

@@ -69,6 +69,21 @@ class _Pacer:
         self._transport.stopProducing()
 
 
+def _chunked_transport(request: Request) -> Any:
+    """
+    The client's transport when the response of C{request}, whose head is
+    written, is chunked (so neither to a C{HEAD} nor without a body) with
+    nothing between its C{write} and the chunks (no encoder), else L{None}.
+    """
+    if (
+        getattr(request, "chunked", False)
+        and getattr(request, "_encoder", None) is None
+        and not getattr(request, "_inFakeHead", False)
+    ):
+        return request.channel.transport
+    return None
+
+
 @implementer(IDownstream)
 class Downstream:
     """
@@ -89,6 +104,9 @@ class Downstream:
         self.extra_headers: Headers = ()
         self._pacer: _Pacer | None = None
         self.writer: ImmediateWriter | IntervalWriter | None = None
+        #: The client's transport once the response is a plain chunked one
+        #: (L{send} frames the chunks itself), else L{None}.
+        self._chunks_to: Any = None
         channel = getattr(request, "channel", None)
         if channel is not None:
             # The first token goes out in the turn it arrives in.
@@ -131,13 +149,21 @@ class Downstream:
         context = self._context
         context.bytes_out += len(data)
         context.flushes += 1
+        request = self._request
+        transport = self._chunks_to
+        if transport is not None and data and not request._disconnected and not request.finished:
+            # What Request.write does for a chunked body, in one call.
+            request.sentLength += len(data)
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return
         if context.output_started:
-            self._request.write(data)
+            request.write(data)
             return
         self._commit()
         # The head and the first bytes in one packet.
         with batch():
-            self._request.write(data)
+            request.write(data)
+        self._chunks_to = _chunked_transport(request)
 
     def start_stream(self, interval_ms: int) -> Callable[[bytes], None]:
         """
