@@ -87,10 +87,29 @@ class ClientLimits:
         )
 
 
+#: Host header values found valid (most clients send the same few).
+_VALID_HOSTS: set[bytes] = set()
+_VALID_HOSTS_KEPT = 1024
+
+
 def _valid_host(value: bytes) -> bool:
     """
     Whether C{value} is C{uri-host [":" port]}: a reg-name, an IPv4
     address or a bracketed IPv6 address, with a port from 0 to 65535.
+    """
+    if value in _VALID_HOSTS:
+        return True
+    valid = _checked_host(value)
+    if valid:
+        if len(_VALID_HOSTS) >= _VALID_HOSTS_KEPT:
+            _VALID_HOSTS.clear()
+        _VALID_HOSTS.add(value)
+    return valid
+
+
+def _checked_host(value: bytes) -> bool:
+    """
+    L{_valid_host}, checked.
     """
     if value.startswith(b"["):
         literal, bracket, port = value[1:].partition(b"]")
@@ -149,12 +168,17 @@ class Phase(Enum):
 
 class RequestDeadline:
     """
-    The one timer of a client connection, set anew at each change of its
+    The one deadline of a client connection, set anew at each change of its
     L{Phase}: the wait for a request, the request head's deadline (counted
     from its first byte, not restarted by later bytes), the request body's
     (counted from the end of the head, extended by a second per
     C{body_min_rate} bytes received, as Apache's C{mod_reqtimeout}); none
     while the request is answered.
+
+    Its timer is moved only when a deadline comes before it: a timer due
+    before the deadline fires, finds the deadline later (or none) and is
+    set again for it. So a short request on a kept-alive connection costs
+    about one timer, not one per phase.
 
     @ivar phase: the connection's L{Phase}.
     @ivar body_bytes: the bytes of the current request body received so far.
@@ -179,6 +203,9 @@ class RequestDeadline:
         self._limits = limits
         self._expired = expired
         self._call: IDelayedCall | None = None
+        #: When the current phase's deadline passes (a body's before the
+        #: bytes received extend it), or L{None}.
+        self._due: float | None = None
         self._body_started = 0.0
         self._body_timeout = 0.0
         self._body_rate = 0
@@ -233,23 +260,35 @@ class RequestDeadline:
     def _enter(self, phase: Phase, seconds: float | None) -> None:
         self.phase = phase
         call = self._call
+        if seconds is None:
+            self._due = None
+            if phase is Phase.CLOSED and call is not None:
+                self._call = None
+                if call.active():
+                    call.cancel()
+            return
+        due = self._due = self._clock.seconds() + seconds
         if call is not None:
-            self._call = None
-            if call.active():
-                call.cancel()
-        if seconds is not None:
-            self._call = self._clock.callLater(seconds, self._fire)
+            if call.active() and call.getTime() <= due + _SLACK:
+                return
+            call.cancel()
+        self._call = self._clock.callLater(seconds, self._fire)
 
     def _fire(self) -> None:
         self._call = None
+        due = self._due
+        if due is None:
+            return
         phase = self.phase
         if phase is Phase.BODY:
             # Extended lazily: the bytes received move the deadline, no
             # timer is touched per chunk.
-            left = self.body_deadline() - self._clock.seconds()
-            if left > _SLACK:
-                self._call = self._clock.callLater(left, self._fire)
-                return
+            due = self.body_deadline()
+        left = due - self._clock.seconds()
+        if left > _SLACK:
+            self._call = self._clock.callLater(left, self._fire)
+            return
+        self._due = None
         self.phase = Phase.CLOSED
         self._expired(phase)
 

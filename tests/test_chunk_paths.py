@@ -1,5 +1,5 @@
 """
-Tests for the chunked-body shortcuts of both legs: L{whole_chunks} on the
+Tests for the chunked-body shortcuts of both legs: L{decode_chunks} on the
 upstream's reads and the chunks L{Downstream} frames itself for the client.
 """
 
@@ -11,9 +11,11 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import Request, Response
 from twisted.web.client import readBody
+from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
 
-from aiproxy.upstream.agent import UpstreamProtocol, whole_chunks
+from aiproxy.upstream.agent import UpstreamProtocol
+from aiproxy.upstream.chunks import decode_chunks
 from tests.test_downstream import DownstreamCase
 
 
@@ -21,37 +23,92 @@ def _chunked(bodies: list[bytes]) -> bytes:
     return b"".join(b"%x\r\n%b\r\n" % (len(body), body) for body in bodies)
 
 
-class WholeChunksTests(SynchronousTestCase):
+def _decode(reads: list[bytes], own: bool) -> tuple[list[bytes], list[bytes], str]:
     """
-    L{whole_chunks} takes a read of whole chunks and leaves anything else
-    to Twisted's decoder.
+    What a chunked decoder delivers of C{reads}, with L{decode_chunks} in
+    front of it (C{own}) or alone: the pieces, what followed the last chunk,
+    and C{"error"} if it refused the body (else its state).
+    """
+    pieces: list[bytes] = []
+    rest: list[bytes] = []
+    decoder = _ChunkedTransferDecoder(pieces.append, rest.append)
+    try:
+        for data in reads:
+            if decoder.state == "FINISHED":
+                # The response's parser takes what follows.
+                rest.append(data)
+                continue
+            if not (own and decode_chunks(decoder, data)):
+                decoder.dataReceived(data)
+    except _MalformedChunkedDataError:
+        return pieces, rest, "error"
+    return pieces, rest, decoder.state
+
+
+def _cut(wire: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(cut, len(wire)) for cut in cuts})
+    reads = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+    return [read for read in reads if read]
+
+
+_CHUNKS = st.lists(
+    st.tuples(st.binary(min_size=1, max_size=40), st.sampled_from([b"", b";ext=1", b";x"])),
+    max_size=10,
+)
+
+
+class DecodeChunksTests(SynchronousTestCase):
+    """
+    L{decode_chunks} in front of Twisted's decoder delivers what the
+    decoder alone does, read by read.
     """
 
-    def test_whole(self) -> None:
+    @given(
+        _CHUNKS,
+        st.sampled_from([b"", b"X-Trailer: 1\r\n"]),
+        st.sampled_from([b"", b"extra"]),
+        st.lists(st.integers(min_value=0, max_value=500), max_size=10),
+    )
+    def test_same_as_twisted(
+        self, chunks: list[tuple[bytes, bytes]], trailer: bytes, extra: bytes, cuts: list[int]
+    ) -> None:
         """
-        Whole chunks give their bodies, in order, upper-case sizes too.
+        Any chunked body (extensions, trailers and bytes after it
+        included), cut into reads anywhere, gives the same pieces, the same
+        rest and the same final state.
         """
-        data = _chunked([b"data: 1\n\n", b"x" * 26]).replace(b"1a\r\n", b"1A\r\n")
-        self.assertEqual(whole_chunks(data), [b"data: 1\n\n", b"x" * 26])
+        wire = b"".join(b"%x%b\r\n%b\r\n" % (len(body), ext, body) for body, ext in chunks)
+        wire += b"0\r\n" + trailer + b"\r\n" + extra
+        reads = _cut(wire, cuts)
+        self.assertEqual(_decode(reads, own=True), _decode(reads, own=False))
 
-    def test_not_whole(self) -> None:
+    @given(
+        st.lists(st.binary(min_size=1, max_size=20), min_size=1, max_size=5),
+        st.integers(min_value=0, max_value=200),
+        st.sampled_from([b"zz\r\n", b"3\r\nabcXY", b"+3\r\nabc\r\n", b"\r\n", b"1" * 30]),
+        st.lists(st.integers(min_value=0, max_value=300), max_size=6),
+    )
+    def test_malformed(self, bodies: list[bytes], at: int, bad: bytes, cuts: list[int]) -> None:
         """
-        A cut chunk, the last chunk, an extension, a bad size or a missing
-        CRLF after a chunk: L{None}.
+        A malformed body is refused the same way, after the same pieces.
         """
-        for data in (
-            _chunked([b"abc"])[:-1],
-            _chunked([b"abc"]) + b"4\r\nab",
-            _chunked([b"abc"]) + b"0\r\n\r\n",
-            b"3;ext=1\r\nabc\r\n",
-            b"+3\r\nabc\r\n",
-            b"0x3\r\nabc\r\n",
-            b" 3\r\nabc\r\n",
-            b"3\r\nabcXY",
-            b"\r\nabc\r\n",
-            b"1" * 20 + b"\r\n",
-        ):
-            self.assertIsNone(whole_chunks(data), data)
+        wire = _chunked(bodies)
+        wire = wire[: min(at, len(wire))] + bad
+        reads = _cut(wire, cuts)
+        self.assertEqual(_decode(reads, own=True), _decode(reads, own=False))
+
+    def test_taken(self) -> None:
+        """
+        Whole chunks (upper-case sizes too) are decoded in place; a read
+        after the last chunk is left to the decoder.
+        """
+        pieces: list[bytes] = []
+        decoder = _ChunkedTransferDecoder(pieces.append, lambda rest: None)
+        self.assertTrue(decode_chunks(decoder, _chunked([b"a", b"x" * 26]).replace(b"1a", b"1A")))
+        self.assertEqual(pieces, [b"a", b"x" * 26])
+        self.assertTrue(decode_chunks(decoder, b"0\r\n\r\n"))
+        self.assertEqual(decoder.state, "FINISHED")
+        self.assertFalse(decode_chunks(decoder, b"more"))
 
 
 class UpstreamReadsTests(SynchronousTestCase):

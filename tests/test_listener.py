@@ -133,6 +133,17 @@ class HostProblemTests(SynchronousTestCase):
             self.assertEqual(host_problem([host], b"HTTP/1.1"), "invalid Host header", host)
             self.assertEqual(host_problem([host], b"HTTP/1.0"), "invalid Host header", host)
 
+    def test_checked_again(self) -> None:
+        """
+        Valid values are remembered, invalid ones never: each is refused
+        every time, also after the valid ones were checked twice.
+        """
+        for _ in range(2):
+            for host in VALID_HOSTS:
+                self.assertIsNone(host_problem([host], b"HTTP/1.1"), host)
+            for host in INVALID_HOSTS:
+                self.assertEqual(host_problem([host], b"HTTP/1.1"), "invalid Host header", host)
+
     def test_missing(self) -> None:
         """
         HTTP/1.1 needs a Host; HTTP/1.0 may go without.
@@ -383,6 +394,28 @@ class HeaderDeadlineTests(SynchronousTestCase):
         self.assertEqual(gateway.raw, b"")
         clock.advance(0.001)
         self.assertEqual(gateway.response().status, 408)
+
+    def test_one_timer(self) -> None:
+        """
+        A connection holds one timer, set once per request on a kept-alive
+        connection; a request that was answered quickly does not shorten
+        the idle wait after it.
+        """
+        gateway = Gateway(self, make_table())
+        clock = gateway.site_reactor
+        made = []
+        call_later = clock.callLater
+        clock.callLater = lambda *a, **kw: made.append(a) or call_later(*a, **kw)  # type: ignore[method-assign]
+        for _ in range(3):
+            gateway.send(path=b"/nowhere")
+            self.assertEqual(gateway.response().status, 404)
+            gateway.transport.clear()
+            self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertLessEqual(len(made), 3)
+        clock.advance(74.999)
+        self.assertFalse(gateway.closed)
+        clock.advance(0.001)
+        self.assertTrue(gateway.closed)
 
     def test_idle_kept_alive(self) -> None:
         """

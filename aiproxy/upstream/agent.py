@@ -4,8 +4,7 @@ The agent under a route's treq client and its connections: what Twisted's
 C{Agent} does (a pooled connection per upstream, a C{Host} header, the
 request over it), with each upstream URL parsed and its endpoint made once,
 an IP address connected without a resolver, a body in memory written with
-its head in one send, and reads of whole body chunks handed to the
-response without Twisted's chunk decoder.
+its head in one send, and chunked bodies decoded in one pass per read.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPoli
 from zope.interface import implementer
 
 from aiproxy.tcp import send_eagerly, set_no_delay
+from aiproxy.upstream.chunks import decode_chunks
 
 __all__ = [
     "URL_CACHE_SIZE",
@@ -37,7 +37,6 @@ __all__ = [
     "EndpointCache",
     "PoolAgent",
     "QuietPool",
-    "whole_chunks",
 ]
 
 #: How many distinct upstream URLs a client keeps prepared.
@@ -68,40 +67,11 @@ class BytesProducer:
         pass
 
 
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-
-
-def whole_chunks(data: bytes) -> list[bytes] | None:
-    """
-    The chunks of C{data} when it is only whole chunks of a chunked body,
-    none of them the last one (size 0) nor with extensions; else L{None}
-    (Twisted's decoder takes it).
-    """
-    chunks = []
-    start = 0
-    end = len(data)
-    find = data.find
-    while start < end:
-        eol = find(b"\r\n", start, start + 18)
-        if eol <= start:
-            return None
-        size = data[start:eol]
-        if size.translate(None, _HEX_DIGITS):
-            return None
-        length = int(size, 16)
-        body_end = eol + 2 + length
-        if not length or data[body_end : body_end + 2] != b"\r\n":
-            return None
-        chunks.append(data[eol + 2 : body_end])
-        start = body_end + 2
-    return chunks
-
-
 class UpstreamProtocol(HTTP11ClientProtocol):
     """
     An upstream HTTP/1.1 connection without Nagle's algorithm, whose
-    requests are sent at once (L{send_eagerly}), and whose reads of whole
-    body chunks go straight to the response (L{whole_chunks}).
+    requests are sent at once (L{send_eagerly}), and whose chunked response
+    bodies are decoded in one pass per read (L{decode_chunks}).
     """
 
     def connectionMade(self) -> None:
@@ -111,24 +81,15 @@ class UpstreamProtocol(HTTP11ClientProtocol):
 
     def dataReceived(self, bytes: bytes) -> None:
         # Twisted's parser hands a chunked body through six calls per chunk
-        # (parser, decoder and its states, response); a read that holds
-        # only whole chunks, met where its decoder waits for a chunk size,
-        # is decoded here and given to the same callback, in one call each.
+        # (parser, decoder and its states, response): here, one per chunk.
         parser = self._parser
         decoder = parser and parser.bodyDecoder
-        if (
-            decoder.__class__ is _ChunkedTransferDecoder
-            and decoder.state == "CHUNK_LENGTH"
-            and not decoder._buffer
-        ):
-            chunks = whole_chunks(bytes)
-            if chunks is not None:
-                deliver = decoder.dataCallback
-                try:
-                    for chunk in chunks:
-                        deliver(chunk)
-                except BaseException:
-                    self._giveUp(Failure())
+        if decoder.__class__ is _ChunkedTransferDecoder:
+            try:
+                if decode_chunks(decoder, bytes):
+                    return
+            except BaseException:
+                self._giveUp(Failure())
                 return
         super().dataReceived(bytes)
 

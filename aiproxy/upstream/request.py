@@ -150,6 +150,11 @@ def _parse_float(text: str) -> float:
     return value
 
 
+#: The request body's JSON decoder (made once: C{json.loads} with options
+#: makes one per call).
+_decode_body = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float).decode
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     """
     Parse the client's JSON body.
@@ -161,7 +166,12 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise ClientError(400, "could not get body: request body is empty")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_parse_float)
+        # What json.loads does with bytes, the usual case first.
+        if raw[:1] == b"{" and raw[1:2] != b"\x00":
+            text = raw.decode("utf-8", "surrogatepass")
+        else:
+            text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        body = _decode_body(text)
         if _SURROGATE_ESCAPE.search(raw):
             json.dumps(body, ensure_ascii=False).encode("utf-8")
     except ValueError as e:  # also JSONDecodeError and UnicodeError
