@@ -22,7 +22,7 @@ from twisted.python.reflect import fullyQualifiedName
 from aiproxy import __version__
 from aiproxy.budget.stores import process_stores
 from aiproxy.config import Config, ConfigError
-from aiproxy.lifecycle import DrainService, ReloadService
+from aiproxy.lifecycle import DrainService, ReloadService, freeze_startup_heap
 from aiproxy.logs import text_observer
 from aiproxy.monitor import ExchangeMonitor
 from aiproxy.routing.build import build_routes
@@ -233,8 +233,10 @@ class GatewayService(MultiService):
         @param listen: endpoint strings overriding the config's C{listen}.
         @param log_observer: installed as the application's log observer.
         @param config_path: the file C{SIGHUP} reloads (no reload without).
-        @param install_signals: handle C{SIGHUP} (reload) and C{SIGTERM}
-            (drain, exit 0) once the reactor runs.
+        @param install_signals: the gateway is the process's: handle
+            C{SIGHUP} (reload) and C{SIGTERM} (drain, exit 0) and freeze
+            the start-up heap (L{freeze_startup_heap}) once the reactor
+            runs.
         @param endpoints: server endpoints to serve on instead of any
             endpoint string (a worker's adopted sockets).
         @param serve_metrics: serve C{/metrics} on C{metrics_listen}; a
@@ -244,6 +246,7 @@ class GatewayService(MultiService):
         self.config = config
         self.log_observer = log_observer
         self.reactor = reactor
+        self._process = install_signals
         self._listen_override = bool(listen) or endpoints is not None
         self._serve_metrics = serve_metrics
         self.metrics = None
@@ -310,6 +313,12 @@ class GatewayService(MultiService):
         if config.metrics_listen != self.config.metrics_listen and self._serve_metrics:
             log.warn("metrics_listen changed in the config: restart aiproxy to apply it")
         self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        if self._process:
+            # The process is this gateway's alone.
+            self.reactor.callWhenRunning(freeze_startup_heap)
 
     def setServiceParent(self, parent: Any) -> None:
         """

@@ -7,6 +7,7 @@ without sockets, time driven by a L{Clock}.
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 from pathlib import Path
@@ -24,7 +25,7 @@ from zope.interface.verify import verifyObject
 from aiproxy.config import load_config, parse_config
 from aiproxy.exchange.record import Timings
 from aiproxy.interfaces import IExchangeMonitor
-from aiproxy.lifecycle import SHUTDOWN_REASON, DrainService, ReloadService
+from aiproxy.lifecycle import SHUTDOWN_REASON, DrainService, ReloadService, freeze_startup_heap
 from aiproxy.metrics import Metrics
 from aiproxy.monitor import ExchangeMonitor
 from aiproxy.routing.build import build_routes
@@ -691,6 +692,34 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertEqual([server[0] for server in reactor.tcpServers], [0, 9191])
         self.assertEqual(type(reactor.tcpServers[1][1]).__name__, "MetricsSite")
         self.assertIsNotNone(service.reloader)
+
+    def test_heap_frozen(self) -> None:
+        """
+        The gateway of a process freezes the start-up heap once the reactor
+        runs; one embedded in another program (no signals) leaves it.
+        """
+        for own in (True, False):
+            reactor = MemoryReactorClock()
+            config = self.config()
+            service = GatewayService(
+                config, fake_build(config, reactor), reactor, ["tcp:0"], install_signals=own
+            )
+            self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+            service.startService()
+            hooks = [hook for hook, _, _ in reactor.whenRunningHooks]
+            self.assertEqual(freeze_startup_heap in hooks, own)
+
+    def test_freeze(self) -> None:
+        """
+        L{freeze_startup_heap} moves every tracked object out of the
+        collector's generations.
+        """
+        self.addCleanup(gc.unfreeze)
+        gc.unfreeze()
+        kept = [[index] for index in range(1000)]
+        freeze_startup_heap()
+        self.assertGreaterEqual(gc.get_freeze_count(), len(kept))
+        self.assertEqual(gc.get_count()[0], 0)
 
     def test_reloaded_grace(self) -> None:
         """
