@@ -188,6 +188,8 @@ class _InMemoryRequest(Request):
         self._writeHeaders(lines, b"Content-Length: %d\r\n" % len(body))
         lines.append(body)
         transport.writeSequence(lines)
+        # Sent: the body is not kept while the response lasts.
+        self.bodyProducer = None
         return succeed(None)
 
 
