@@ -15,6 +15,12 @@ within one run, not absolute numbers across machines.
     python bench/bench_proxy.py --scenario throughput,converted   # conversion's cost
     python bench/bench_proxy.py --scenario nonstream --access none,key-auth,local,redis
 
+`--workers 1,2` runs the proxy with that many worker processes (its CPU and
+RSS are the whole process tree's); with the load client in this process,
+compare worker counts with the proxy unpinned and read the proxy CPU too:
+
+    python bench/bench_proxy.py --scenario throughput --workers 1,2 --rounds 3
+
 `--access` puts key-auth and budgets on the route: `key-auth` (the client
 sends a consumer's key), `local` (key-auth and an `ai-rate-limiting` budget
 counted in the process) and `redis` (the same budget in a `redis-server`
@@ -330,18 +336,49 @@ def _builds(spec: str | None) -> list[Build]:
     return builds
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], ()))
+    return tree
+
+
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """CPU seconds used so far by `pid` and its descendants."""
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
 
 
 def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of `pid` and its descendants."""
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
 
 
 async def _wait_ready(port: int, timeout: float = 30.0) -> None:
@@ -374,6 +411,7 @@ async def run(
     build: Build,
     access: str = "none",
     redis_port: int = 0,
+    workers: int = 1,
 ) -> dict:
     events, delay, concurrency, stream, seconds = SCENARIOS[scenario]
     client_path = MESSAGES_PATH if scenario == "converted" else CHAT_PATH
@@ -394,6 +432,8 @@ async def run(
                 )
             )
         argv = build.argv + ["-n", "--pidfile=", "aiproxy", "--config", path]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         if pin is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", pin] + argv
         proxy = subprocess.Popen(
@@ -481,6 +521,9 @@ def main() -> None:
         "--regex-filter", action="store_true", help="add an ai-response-redact rule"
     )
     parser.add_argument(
+        "--workers", default="1", help="worker process counts to compare, comma-separated"
+    )
+    parser.add_argument(
         "--access",
         default="none",
         help="comma-separated: none, key-auth, local, redis (key-auth and budgets on the route)",
@@ -505,10 +548,16 @@ def main() -> None:
     def fmt(value: float | None, spec: str = ".1f") -> str:
         return "-" if value is None else format(value, spec)
 
-    variants = [(build, access) for access in accesses for build in builds]
+    variants = [
+        (build, access, int(workers))
+        for workers in args.workers.split(",")
+        for access in accesses
+        for build in builds
+    ]
 
-    def label_of(build: Build, access: str) -> str:
-        return build.label if access == "none" else f"{build.label} {access}"
+    def label_of(build: Build, access: str, workers: int) -> str:
+        label = build.label if access == "none" else f"{build.label} {access}"
+        return label if workers == 1 else f"{label} workers={workers}"
 
     try:
         _rows(args, scenarios, filters, variants, label_of, redis_port, fmt)
@@ -528,10 +577,19 @@ def _rows(args, scenarios, filters, variants, label_of, redis_port, fmt) -> None
         for flush in (int(x) for x in args.flush_ms.split(",")):
             runs: dict[str, list[dict]] = {label_of(*v): [] for v in variants}
             for _ in range(args.rounds):
-                for build, access in variants:
-                    runs[label_of(build, access)].append(
+                for build, access, workers in variants:
+                    runs[label_of(build, access, workers)].append(
                         asyncio.run(
-                            run(scenario, flush, args.pin, filters, build, access, redis_port)
+                            run(
+                                scenario,
+                                flush,
+                                args.pin,
+                                filters,
+                                build,
+                                access,
+                                redis_port,
+                                workers,
+                            )
                         )
                     )
             for label, label_runs in runs.items():

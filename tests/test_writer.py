@@ -73,17 +73,44 @@ class IntervalWriterTests(SynchronousTestCase):
     def test_burst_coalesced(self) -> None:
         """
         Chunks arriving within the interval after a write are held and
-        written together at the next tick, not before.
+        written together at the tick an interval after the first of them,
+        not before.
         """
         self.writer.write(b"a")
         for chunk in (b"b", b"c", b"d"):
             self.clock.advance(0.002)
             self.writer.write(chunk)
         self.assertEqual(self.writes, [b"a"])
-        self.clock.advance(0.003)
+        self.clock.advance(0.005)
         self.assertEqual(self.writes, [b"a"])
         self.clock.advance(0.001)
         self.assertEqual(self.writes, [b"a", b"bcd"])
+
+    def test_slow_stream_no_timer(self) -> None:
+        """
+        Chunks an interval apart or more are each written at once, and no
+        timer is ever set.
+        """
+        for index, gap in enumerate((0.0, 0.01, 0.02, 0.5)):
+            self.clock.advance(gap)
+            self.writer.write(b"%d" % index)
+            self.assertEqual(len(self.writes), index + 1)
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_after_the_loop(self) -> None:
+        """
+        Once a tick found nothing, the next chunk is written at once, as the
+        last write was an interval ago.
+        """
+        self.writer.write(b"a")
+        self.writer.write(b"b")
+        self.clock.advance(0.01)
+        self.clock.advance(0.01)
+        self.assertEqual(self.writes, [b"a", b"b"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(0.001)
+        self.writer.write(b"c")
+        self.assertEqual(self.writes, [b"a", b"b", b"c"])
 
     def test_loop_stops_when_idle(self) -> None:
         """

@@ -61,9 +61,15 @@ class ImmediateWriter:
 class IntervalWriter:
     """
     Coalesce chunks and write them every C{interval} seconds.
+
+    A chunk coming C{interval} or more after the previous write is written
+    at once; one coming sooner is held, and a L{LoopingCall} writes what is
+    held every C{interval} until a tick finds nothing. So a steady stream
+    slower than the interval costs no timer at all, and a burst one write
+    per interval.
     """
 
-    __slots__ = ("_sink", "_clock", "_interval", "_pending", "_size", "_loop")
+    __slots__ = ("_sink", "_clock", "_interval", "_pending", "_size", "_loop", "_written")
 
     def __init__(self, sink: Callable[[bytes], None], clock: IReactorTime, interval: float) -> None:
         self._sink = sink
@@ -74,20 +80,25 @@ class IntervalWriter:
         #: The ticks while something may be pending (made when first needed,
         #: dropped when stopped: it and the writer refer to each other).
         self._loop: LoopingCall | None = None
+        #: When the last write was made.
+        self._written = -interval
 
     def write(self, data: bytes) -> None:
         """
         Write C{data} now if nothing was written within the interval, else
-        queue it for the next tick.
+        hold it for the next tick.
         """
         loop = self._loop
         if loop is None or not loop.running:
-            self._sink(data)
+            now = self._clock.seconds()
+            if now - self._written >= self._interval:
+                self._written = now
+                self._sink(data)
+                return
             if loop is None:
                 loop = self._loop = LoopingCall(self._tick)
                 loop.clock = self._clock
             loop.start(self._interval, now=False)
-            return
         self._pending.append(data)
         self._size += len(data)
         if self._size >= MAX_PENDING:
@@ -95,9 +106,10 @@ class IntervalWriter:
 
     def _tick(self) -> None:
         """
-        Write what is pending; stop ticking when nothing is.
+        Write what is held; stop ticking when nothing is.
         """
         if self._pending:
+            self._written = self._clock.seconds()
             self.flush()
         elif self._loop is not None:
             self._loop.stop()
