@@ -14,6 +14,7 @@ from twisted.web.client import readBody
 from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError
 from twisted.web.http_headers import Headers
 
+from aiproxy.upstream import agent
 from aiproxy.upstream.agent import UpstreamProtocol
 from aiproxy.upstream.chunks import decode_chunks
 from tests.test_downstream import DownstreamCase
@@ -118,34 +119,49 @@ class UpstreamReadsTests(SynchronousTestCase):
     does.
     """
 
-    def _response(self, reads: list[bytes]) -> tuple[bytes, list[Response]]:
+    HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def _body(self, reads: list[bytes]) -> bytes:
+        """
+        The body of the response C{reads} carry (its head included).
+        """
         protocol = UpstreamProtocol()
         protocol.makeConnection(StringTransport())
         request = Request(b"GET", b"/", Headers({b"host": [b"up"]}), None)
-        responses: list[Response] = []
-        protocol.request(request).addCallback(responses.append)
-        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        protocol.dataReceived(head)
-        [response] = responses
         bodies: list[bytes] = []
-        readBody(response).addCallback(bodies.append)
+        protocol.request(request).addCallback(readBody).addCallback(bodies.append)
         for data in reads:
             protocol.dataReceived(data)
-        return (bodies[0] if bodies else b""), responses
+        [body] = bodies
+        return body
 
     @given(
         st.lists(st.binary(min_size=1, max_size=40), max_size=12),
-        st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+        st.lists(st.integers(min_value=0, max_value=500), max_size=8),
     )
     def test_any_reads(self, bodies: list[bytes], cuts: list[int]) -> None:
         """
-        Any chunked body, cut into reads anywhere, gives the same body.
+        Any chunked body, its head and it cut into reads anywhere, gives
+        the same body.
         """
-        wire = _chunked(bodies) + b"0\r\n\r\n"
-        points = sorted({min(cut, len(wire)) for cut in cuts})
-        reads = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
-        body, _ = self._response([read for read in reads if read])
-        self.assertEqual(body, b"".join(bodies))
+        wire = self.HEAD + _chunked(bodies) + b"0\r\n\r\n"
+        self.assertEqual(self._body(_cut(wire, cuts)), b"".join(bodies))
+
+    def test_with_the_head(self) -> None:
+        """
+        The chunks in the read of the head are decoded in one pass too.
+        """
+        decoded: list[bytes] = []
+
+        def counted(decoder: _ChunkedTransferDecoder, data: bytes) -> bool:
+            decoded.append(data)
+            return decode_chunks(decoder, data)
+
+        self.patch(agent, "decode_chunks", counted)
+        chunks = _chunked([b"a" * 10, b"b" * 20])
+        body = self._body([self.HEAD + chunks, b"0\r\n\r\n"])
+        self.assertEqual(body, b"a" * 10 + b"b" * 20)
+        self.assertEqual(decoded[0], chunks)
 
     def test_malformed_after_whole(self) -> None:
         """

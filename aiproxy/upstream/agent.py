@@ -15,8 +15,12 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol, Request, _ensureValidMethod
+from twisted.web._newclient import (
+    HTTP11ClientProtocol,
+    HTTPClientParser,
+    Request,
+    _ensureValidMethod,
+)
 from twisted.web.client import (
     URI,
     HTTPConnectionPool,
@@ -67,11 +71,27 @@ class BytesProducer:
         pass
 
 
+class _ResponseParser(HTTPClientParser):
+    """
+    A response parser whose chunked body is decoded in one pass per read
+    (L{decode_chunks}): Twisted's decoder hands it through five calls per
+    chunk (the decoder and its states), here one, also for the body that
+    arrives in the read of the response head.
+    """
+
+    def rawDataReceived(self, data: bytes) -> None:
+        # In the body: a decoder is set.
+        decoder: Any = self.bodyDecoder
+        if decoder.__class__ is _ChunkedTransferDecoder and decode_chunks(decoder, data):
+            return
+        decoder.dataReceived(data)
+
+
 class UpstreamProtocol(HTTP11ClientProtocol):
     """
     An upstream HTTP/1.1 connection without Nagle's algorithm, whose
     requests are sent at once (L{send_eagerly}), and whose chunked response
-    bodies are decoded in one pass per read (L{decode_chunks}).
+    bodies are decoded in one pass per read (L{_ResponseParser}).
     """
 
     def connectionMade(self) -> None:
@@ -79,19 +99,12 @@ class UpstreamProtocol(HTTP11ClientProtocol):
         set_no_delay(self.transport)
         send_eagerly(self.transport)
 
-    def dataReceived(self, bytes: bytes) -> None:
-        # Twisted's parser hands a chunked body through six calls per chunk
-        # (parser, decoder and its states, response): here, one per chunk.
+    def request(self, request: Request) -> Deferred[Any]:
+        d = super().request(request)
         parser = self._parser
-        decoder = parser and parser.bodyDecoder
-        if decoder.__class__ is _ChunkedTransferDecoder:
-            try:
-                if decode_chunks(decoder, bytes):
-                    return
-            except BaseException:
-                self._giveUp(Failure())
-                return
-        super().dataReceived(bytes)
+        if parser is not None and parser.__class__ is HTTPClientParser:
+            parser.__class__ = _ResponseParser
+        return d
 
     def _disconnectParser(self, reason: Any) -> None:
         parser = self._parser
