@@ -36,9 +36,6 @@ log = Logger()
 
 Headers = list[tuple[bytes, list[bytes]]]
 
-#: No instance.
-_NONE: frozenset[str] = frozenset()
-
 
 class Refused(ClientError):
     """
@@ -94,7 +91,7 @@ class Admission:
         self.consumer: Consumer | None = None
         self.sent_key: SentKey | None = None
         self._tabs: list[_Tab] = []
-        self.exhausted: frozenset[str] = _NONE
+        self.exhausted: frozenset[str] = frozenset()
         self._degraded = False
 
     def authenticate(self, context: Any) -> None:
