@@ -326,6 +326,20 @@ class PoolAgentTests(EndpointCase):
         self.pool.connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(self.successResultOf(d).code, 200)
 
+    def test_let_go_once_sent(self) -> None:
+        """
+        Once sent, the request holds neither its body nor its headers
+        while the response lasts.
+        """
+        d = self.agent.request(
+            b"POST", b"http://127.0.0.1:8080/", Headers({b"X-Trace": [b"t"]}), BytesProducer(b"{}")
+        )
+        request = self.pool.connection._currentRequest
+        self.assertIsNone(request.bodyProducer)
+        self.assertEqual(list(request.headers.getAllRawHeaders()), [])
+        self.pool.connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 200)
+
     def test_host_default_port(self) -> None:
         """
         The C{Host} header has no port when it is the scheme's default.

@@ -188,6 +188,10 @@ class _Lines(list[bytes]):
     writeSequence = list.extend
 
 
+#: The headers of a request once sent.
+_SENT = Headers()
+
+
 class _InMemoryRequest(Request):
     """
     A request whose body is already in memory (a L{BytesProducer}): its
@@ -201,8 +205,9 @@ class _InMemoryRequest(Request):
         self._writeHeaders(lines, b"Content-Length: %d\r\n" % len(body))
         lines.append(body)
         transport.writeSequence(lines)
-        # Sent: the body is not kept while the response lasts.
+        # Sent: its headers and body are not kept while the response lasts.
         self.bodyProducer = None
+        self.headers = _SENT
         return succeed(None)
 
 
