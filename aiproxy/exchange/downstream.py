@@ -144,7 +144,8 @@ class Downstream:
 
     def send(self, data: bytes) -> None:
         """
-        One C{request.write} (one HTTP chunk), the head first if not sent.
+        One HTTP chunk, the head first if not sent (by C{request.write};
+        later chunks are framed here, as it would).
         """
         context = self._context
         context.bytes_out += len(data)
