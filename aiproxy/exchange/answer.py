@@ -48,6 +48,12 @@ def _over(outcome: Outcome) -> None:
     """
 
 
+def _nothing() -> None:
+    """
+    A stream of a request that is over started: nothing to do.
+    """
+
+
 def relayed_head(response: Any, converted: bool) -> tuple[Headers, bytes | None]:
     """
     The headers of an upstream response that the client gets, and its
@@ -114,7 +120,7 @@ class Relays:
         The request is over: drop the callbacks into it.
         """
         self._on_end = _over
-        self._stream_started = lambda: None
+        self._stream_started = _nothing
 
     def stages(self) -> Sequence[IStreamStage]:
         """

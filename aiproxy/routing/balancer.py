@@ -61,9 +61,6 @@ class _Balanced(Protocol):
 
 T = TypeVar("T", bound=_Balanced)
 
-#: No instance (the unhealthy ones of a request that skips none).
-_NONE: frozenset[int] = frozenset()
-
 #: Ring points per instance of a level, on average.
 _POINTS = 160
 
@@ -219,7 +216,7 @@ class Selection(Generic[T]):
         self._ring_position: dict[int, int] | None = None
         self.tried: list[T] = []
         instances = balancer.instances
-        self._unhealthy: AbstractSet[int] = _NONE
+        self._unhealthy: AbstractSet[int] = frozenset()
         if len(instances) > 1:
             unhealthy = {id(i) for i in instances if not i.healthy}
             if len(unhealthy) < len(instances):

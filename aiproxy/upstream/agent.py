@@ -160,8 +160,8 @@ class EndpointCache:
 
     def _direct(self, uri: URI) -> IStreamClientEndpoint | None:
         """
-        The endpoint of an IP address (C{[...]} for IPv6) over plain HTTP
-        or HTTPS, or L{None} for a name.
+        The endpoint of an IP address (an IPv6 one without its brackets, as
+        L{URI} gives it) over plain HTTP or HTTPS, or L{None} for a name.
         """
         if uri.scheme not in (b"http", b"https"):
             return None

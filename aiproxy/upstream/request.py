@@ -166,12 +166,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise ClientError(400, "could not get body: request body is empty")
     try:
-        # What json.loads does with bytes, the usual case first.
-        if raw[:1] == b"{" and raw[1:2] != b"\x00":
-            text = raw.decode("utf-8", "surrogatepass")
-        else:
-            text = raw.decode(json.detect_encoding(raw), "surrogatepass")
-        body = _decode_body(text)
+        # What json.loads does with bytes.
+        body = _decode_body(raw.decode(json.detect_encoding(raw), "surrogatepass"))
         if _SURROGATE_ESCAPE.search(raw):
             json.dumps(body, ensure_ascii=False).encode("utf-8")
     except ValueError as e:  # also JSONDecodeError and UnicodeError
